@@ -1,0 +1,1 @@
+"""The assembled model, processor, generation, CLI and servers."""

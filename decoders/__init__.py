@@ -1,0 +1,1 @@
+"""Generation heads (codec and diffusion decoders)."""

@@ -1,0 +1,72 @@
+"""The one interface every audio encoder implements.
+
+An encoder takes a batch of 16 kHz mono waveforms with their lengths and returns
+frame features with their valid lengths::
+
+    waveforms [B, S] float32 in [-1, 1], lengths [B] (samples)  ->  features [B, N, D], lengths [B] (frames)
+
+Encoders are frozen feature extractors: they never see more than one window of
+audio (``max_samples``); long audio is split by the caller (``omnivox.agent.model``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class EncoderOutput:
+    """Frame features of a batch.
+
+    Attributes:
+        features: [B, N, D] frame features (padded frames hold whatever the encoder computed).
+        lengths: [B] number of valid frames per item.
+    """
+
+    features: torch.Tensor
+    lengths: torch.Tensor
+
+
+class AudioEncoder(nn.Module):
+    """Base class of the frozen audio encoders.
+
+    Subclasses set ``output_dim`` (D), ``frame_rate`` (output frames per second) and
+    ``max_samples`` (the longest input they accept, in samples at 16 kHz), and implement
+    :meth:`forward`.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+    output_dim: int
+    frame_rate: float
+    max_samples: int
+
+    def forward(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> EncoderOutput:  # pragma: no cover
+        """Encode a batch.
+
+        Args:
+            waveforms: [B, S] float32 samples at 16 kHz, zero-padded after each item's length.
+            lengths: [B] int64 valid samples per item (each <= S and <= ``max_samples``).
+        """
+        raise NotImplementedError
+
+    def check_input(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Raise ``ValueError`` with the numbers when a batch does not fit this encoder."""
+        if waveforms.dim() != 2:
+            raise ValueError(f"{type(self).__name__} expects waveforms [B, S], got shape {tuple(waveforms.shape)}")
+        if lengths.shape != (waveforms.shape[0],):
+            raise ValueError(
+                f"{type(self).__name__}: lengths must be [B]={waveforms.shape[0]}, got shape {tuple(lengths.shape)}"
+            )
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if longest > waveforms.shape[1]:
+            raise ValueError(f"{type(self).__name__}: a length ({longest}) exceeds the padded size ({waveforms.shape[1]})")
+        if longest > self.max_samples:
+            raise ValueError(
+                f"{type(self).__name__} takes at most {self.max_samples} samples "
+                f"({self.max_samples / SAMPLE_RATE:.1f} s) per item, got {longest}; split long audio into windows first"
+            )
