@@ -1,0 +1,218 @@
+"""The ``omnivox`` command line: one table maps each command to its function.
+
+User errors (bad files, bad arguments, bad checkpoints) print one line and exit with
+status 2; no traceback. ``OMNIVOX_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omnivox.errors import OmnivoxError, UserInputError
+
+log = logging.getLogger("omnivox")
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def default_model_dir() -> Path:
+    """The bundled nano model (``assets/nano`` beside the package), or $OMNIVOX_MODEL."""
+    env = os.environ.get("OMNIVOX_MODEL")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "assets" / "nano"
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def load_model_for_cli(args: argparse.Namespace):
+    """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags."""
+    import torch
+
+    from omnivox.agent.model import OmnivoxModel
+
+    folder = Path(args.model) if args.model else default_model_dir()
+    if not (folder / "config.json").is_file():
+        hint = "" if args.model else " (no --model given and no bundled model found; pass --model DIR)"
+        raise UserInputError(f"{folder}: not an omnivox model folder{hint}")
+    if args.load_in_8bit and args.load_in_4bit:
+        raise UserInputError("choose one of --load-in-8bit and --load-in-4bit")
+    quant = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else None
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {args.device}: CUDA is not available on this machine")
+    with _stderr_console().status(f"Loading model from {folder} ..."):
+        return OmnivoxModel.from_pretrained(
+            folder,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            quantization=quant,
+            lora_scale=args.lora_scale,
+        )
+
+
+def generation_settings(args: argparse.Namespace):
+    from omnivox.agent.model import GenerationSettings
+
+    if args.greedy and args.temperature is not None:
+        raise UserInputError("--greedy and --temperature exclude each other")
+    beams = 1 if args.greedy or args.temperature is not None else args.num_beams
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        num_beams=beams,
+        do_sample=args.temperature is not None,
+        temperature=args.temperature if args.temperature is not None else 1.0,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from omnivox.agent.audio import load_audio
+    from omnivox.agent.chat import ChatSession
+
+    clips = [load_audio(path) for path in args.audio]  # validate audio before loading a big model
+    model = load_model_for_cli(args)
+    settings = generation_settings(args)
+    session = ChatSession(model, settings)
+    for clip in clips:
+        session.add_audio(clip.samples)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    stream = show if settings.num_beams == 1 else None
+    if args.prompt:
+        answer = session.ask(" ".join(args.prompt), on_text=stream)
+        print(answer if stream is None else "")
+        return 0
+    print("omnivox chat: type a question; /audio FILE adds a clip, /reset forgets, /quit ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            continue
+        try:
+            if line.startswith("/audio "):
+                session.add_audio(load_audio(line.split(maxsplit=1)[1]).samples)
+                continue
+            sys.stdout.write("omnivox> ")
+            answer = session.ask(line, on_text=stream)
+            print(answer if stream is None else "")
+        except UserInputError as err:
+            print(f"omnivox: error: {err}", file=sys.stderr)
+
+
+def cmd_convert_whisper(args: argparse.Namespace) -> int:
+    from omnivox.encoders.whisper_ct2 import convert_ctranslate2_whisper
+
+    out = convert_ctranslate2_whisper(Path(args.src) if args.src else None, Path(args.out))
+    print(out)
+    return 0
+
+
+def cmd_convert_salmonn(args: argparse.Namespace) -> int:
+    from omnivox.adapters.convert import convert_salmonn
+
+    out = convert_salmonn(
+        ckpt=Path(args.ckpt),
+        whisper=args.whisper,
+        beats=args.beats,
+        llm=args.llm,
+        out=Path(args.out),
+        num_heads=args.qformer_heads,
+    )
+    print(out)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from omnivox.agent.bench import run_benchmark
+
+    model = load_model_for_cli(args)
+    run_benchmark(model, out=Path(args.out) if args.out else None, repeats=args.repeats)
+    return 0
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="omnivox model folder (default: the bundled nano model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--load-in-8bit", action="store_true", help="quantize the LLM to 8 bit (bitsandbytes)")
+    p.add_argument("--load-in-4bit", action="store_true", help="quantize the LLM to 4 bit NF4 (bitsandbytes)")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="multiply the LoRA update (lower it under 8-bit)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omnivox", description="LLM-centric audio agent")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="ask questions about audio (interactive without a prompt)")
+    _model_flags(chat)
+    chat.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable)")
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: beam search)")
+    chat.add_argument("--num-beams", type=int, default=4)
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
+    chat.set_defaults(func=cmd_chat)
+
+    convert = sub.add_parser("convert", help="convert checkpoints into omnivox formats")
+    csub = convert.add_subparsers(dest="what", required=True)
+    cw = csub.add_parser("whisper", help="CTranslate2 Whisper -> openai-whisper .pt")
+    cw.add_argument("--out", required=True, help="output .pt file")
+    cw.add_argument("--from", dest="src", help="CTranslate2 Whisper folder (default: bundled tiny.en)")
+    cw.set_defaults(func=cmd_convert_whisper)
+    cs = csub.add_parser("salmonn", help="SALMONN .pth -> omnivox model folder")
+    cs.add_argument("--ckpt", required=True, help="salmonn_v1.pth / salmonn_7b_v0.pth")
+    cs.add_argument("--whisper", required=True, help="Whisper: HF folder/id, openai-whisper .pt or name")
+    cs.add_argument("--beats", required=True, help="BEATs checkpoint .pt")
+    cs.add_argument("--llm", required=True, help="Vicuna: HF folder or hub id")
+    cs.add_argument("--out", required=True, help="output model folder")
+    cs.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (default hidden/64)")
+    cs.set_defaults(func=cmd_convert_salmonn)
+
+    bench = sub.add_parser("bench", help="measure encoding, time to first token, decode speed, memory")
+    _model_flags(bench)
+    bench.add_argument("--out", help="write the results as JSON here")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except OmnivoxError as err:
+        if os.environ.get("OMNIVOX_DEBUG"):
+            raise
+        message = " ".join(str(err).split())
+        print(f"omnivox: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nomnivox: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

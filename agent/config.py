@@ -1,0 +1,174 @@
+"""The composite model config, saved as ``config.json`` in a model folder.
+
+Built once at the edge (CLI / loader / converter) and passed down; frozen after that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from omnivox.adapters.qformer import QFormerConfig
+from omnivox.errors import CheckpointError
+
+FORMAT_VERSION = 1
+ENCODER_KINDS = ("whisper", "beats")
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """Where a frozen encoder's weights come from.
+
+    Attributes:
+        kind: "whisper" or "beats" (see ``omnivox.agent.model.ENCODER_LOADERS``).
+        path: an official name / hub id, or a local path (relative paths are relative to
+            the model folder).
+        sha256: optional checksum of a local checkpoint file, checked on load.
+    """
+
+    kind: Literal["whisper", "beats"]
+    path: str
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENCODER_KINDS:
+            raise CheckpointError(f"unknown encoder kind {self.kind!r}; known: {list(ENCODER_KINDS)}")
+        if not self.path:
+            raise CheckpointError(f"encoder {self.kind!r} needs a path or name")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on the LLM (SALMONN: r 8, alpha 32, dropout 0.1 on q_proj and v_proj)."""
+
+    r: int = 8
+    alpha: float = 32.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise CheckpointError(f"LoRA rank must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CheckpointError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise CheckpointError("LoRA needs at least one target module")
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """How audio is cut and fed to the encoders.
+
+    Attributes:
+        window_seconds: audio per encoder window (Whisper's 30 s).
+        overlap_seconds: overlap between consecutive windows of long audio.
+        min_seconds: shorter clips are zero-padded to this (SALMONN: 1 s).
+        max_seconds: longer input is rejected (never truncated).
+        trim_to_audio: give the LLM only the Q-Former windows that cover real audio,
+            instead of all windows of the padded 30 s (SALMONN keeps all: False).
+        windows_per_batch: encoder windows processed at once; bounds encoder memory.
+    """
+
+    window_seconds: float = 30.0
+    overlap_seconds: float = 0.0
+    min_seconds: float = 1.0
+    max_seconds: float = 3600.0
+    trim_to_audio: bool = False
+    windows_per_batch: int = 4
+
+    def __post_init__(self) -> None:
+        if self.window_seconds <= 0:
+            raise CheckpointError(f"window_seconds must be positive, got {self.window_seconds}")
+        if not 0 <= self.overlap_seconds < self.window_seconds:
+            raise CheckpointError(
+                f"overlap_seconds must be in [0, window_seconds={self.window_seconds}), got {self.overlap_seconds}"
+            )
+        if not 0 <= self.min_seconds <= self.window_seconds:
+            raise CheckpointError(f"min_seconds must be in [0, {self.window_seconds}], got {self.min_seconds}")
+        if self.max_seconds <= 0:
+            raise CheckpointError(f"max_seconds must be positive, got {self.max_seconds}")
+        if self.windows_per_batch < 1:
+            raise CheckpointError(f"windows_per_batch must be >= 1, got {self.windows_per_batch}")
+
+
+@dataclass(frozen=True)
+class OmnivoxConfig:
+    """Everything needed to rebuild a model from its folder.
+
+    Attributes:
+        llm: base LLM, hub id or local folder (relative to the model folder allowed).
+        encoders: frozen encoders, in the order their features are fused.
+        qformer: geometry of the adapter (its ``encoder_dims`` follow ``encoders``).
+        lora: LoRA settings, or None for a model without LoRA.
+        prompt_style: name in ``omnivox.prompts.PROMPT_STYLES``.
+        audio: windowing of the audio.
+        llm_gguf_file: file name inside ``llm`` when the LLM is a GGUF file.
+        format_version: version of the folder format.
+    """
+
+    llm: str
+    encoders: tuple[EncoderRef, ...]
+    qformer: QFormerConfig
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+    prompt_style: str = "salmonn"
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    llm_gguf_file: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.encoders:
+            raise CheckpointError("a model needs at least one audio encoder")
+        if len(self.encoders) != len(self.qformer.encoder_dims):
+            raise CheckpointError(
+                f"{len(self.encoders)} encoders but the Q-Former expects {len(self.qformer.encoder_dims)} "
+                f"(encoder_dims={list(self.qformer.encoder_dims)})"
+            )
+        if self.format_version > FORMAT_VERSION:
+            raise CheckpointError(
+                f"model folder format {self.format_version} is newer than this omnivox ({FORMAT_VERSION}); upgrade omnivox"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["qformer"] = self.qformer.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OmnivoxConfig:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CheckpointError(f"unknown fields in config: {unknown}; known: {sorted(known)}")
+        try:
+            lora = data.get("lora", {})
+            return cls(
+                llm=data["llm"],
+                encoders=tuple(EncoderRef(**e) for e in data["encoders"]),
+                qformer=QFormerConfig.from_dict(data["qformer"]),
+                lora=None if lora is None else LoraSettings(**{**lora, "target_modules": tuple(lora.get("target_modules", ("q_proj", "v_proj")))}),
+                prompt_style=data.get("prompt_style", "salmonn"),
+                audio=AudioSettings(**data.get("audio", {})),
+                llm_gguf_file=data.get("llm_gguf_file"),
+                format_version=data.get("format_version", FORMAT_VERSION),
+            )
+        except KeyError as err:
+            raise CheckpointError(f"config is missing the field {err.args[0]!r}") from None
+        except TypeError as err:
+            raise CheckpointError(f"invalid config: {err}") from None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> OmnivoxConfig:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no config.json; is this an omnivox model folder?")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data)

@@ -1,0 +1,501 @@
+"""The assembled omnivox model: frozen encoders -> audio adapter -> LLM (with LoRA).
+
+Parts are passed in (``OmnivoxModel(config, encoders, adapter, llm, tokenizer)``), so a
+test builds one from tiny modules; :meth:`OmnivoxModel.from_pretrained` builds them from
+a model folder::
+
+    model-folder/
+      config.json             OmnivoxConfig (encoders and base LLM by hub id or path)
+      adapter.safetensors     AudioAdapter weights (LayerNorms, Q-Former, projection)
+      lora/                   peft adapter (adapter_config.json, adapter_model.safetensors)
+      tokenizer/              the tokenizer as used (e.g. with SALMONN's added [PAD])
+
+Audio of any length is cut into windows (``AudioSettings``), encoded a few windows at a
+time, and the audio tokens of all windows are given to the LLM in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from omnivox.adapters.qformer import AudioAdapter
+from omnivox.agent.audio import load_audio, split_windows
+from omnivox.agent.config import EncoderRef, OmnivoxConfig
+from omnivox.agent.processor import OmnivoxProcessor
+from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
+from omnivox.errors import CheckpointError, UserInputError
+from omnivox.prompts import Message, get_prompt_style
+
+log = logging.getLogger(__name__)
+
+Quantization = Literal["8bit", "4bit"] | None
+
+
+def _load_whisper(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
+    from omnivox.encoders.whisper import WhisperEncoder
+
+    return WhisperEncoder.from_pretrained(path, device=device, dtype=dtype)
+
+
+def _load_beats(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
+    from omnivox.encoders.beats import BeatsEncoder
+
+    return BeatsEncoder.from_checkpoint(path, expected_sha256=ref.sha256).to(device=device, dtype=dtype)
+
+
+# One explicit table from encoder kind to loader.
+ENCODER_LOADERS: dict[str, Callable[[EncoderRef, str, str, torch.dtype], AudioEncoder]] = {
+    "whisper": _load_whisper,
+    "beats": _load_beats,
+}
+
+
+def resolve_ref(ref: str, root: Path | None) -> str:
+    """A path relative to the model folder if it exists there, else the reference as given."""
+    if root is not None and not Path(ref).is_absolute() and (root / ref).exists():
+        return str(root / ref)
+    return ref
+
+
+def load_llm(
+    ref: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    quantization: Quantization = None,
+):
+    """Load a causal LM from a hub id or local folder (optionally a GGUF file in it, or 8/4-bit)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        if quantization == "8bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        elif quantization == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+            )
+        else:
+            raise UserInputError(f"quantization must be '8bit', '4bit' or None, got {quantization!r}")
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except OSError as err:
+        raise CheckpointError(f"cannot load the LLM {ref!r}: {str(err).splitlines()[0]}") from None
+    if quantization is None:
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(ref: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except OSError as err:
+        raise CheckpointError(f"cannot load the tokenizer {ref!r}: {str(err).splitlines()[0]}") from None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings. The defaults are SALMONN's reference decoding (beam 4, no sampling).
+
+    ``min_new_tokens=1`` matches the official ``min_length=1`` with ``inputs_embeds``:
+    the end token cannot be the first token.
+    """
+
+    max_new_tokens: int = 200
+    num_beams: int = 4
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    min_new_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise UserInputError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.temperature <= 0:
+            raise UserInputError(f"sampling needs temperature > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def greedy(cls, **overrides) -> GenerationSettings:
+        return replace(cls(num_beams=1), **overrides)
+
+
+class _CallbackStreamer:
+    """Streams decoded text pieces of a single sequence to a callback (transformers' streamer API)."""
+
+    def __init__(self, tokenizer, callback: Callable[[str], None], stop_ids: Sequence[int]) -> None:
+        from transformers import TextStreamer
+
+        outer = self
+
+        class _Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    callback(text)
+
+            def put(self, value: torch.Tensor) -> None:
+                if outer.stopped:
+                    return
+                ids = value.reshape(-1).tolist()
+                if any(i in outer.stop_ids for i in ids):
+                    outer.stopped = True
+                    return
+                super().put(value)
+
+        self.stop_ids = set(stop_ids)
+        self.stopped = False
+        self.streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+
+
+class OmnivoxModel(nn.Module):
+    """Frozen encoders + audio adapter + LLM, assembled from parts.
+
+    Args:
+        config: the composite config.
+        encoders: one frozen encoder per ``config.encoders`` entry, same order.
+        adapter: LayerNorm fusion + window Q-Former + projection.
+        llm: a causal LM (optionally peft-wrapped).
+        tokenizer: the LLM's tokenizer.
+    """
+
+    def __init__(
+        self,
+        config: OmnivoxConfig,
+        encoders: Sequence[AudioEncoder],
+        adapter: AudioAdapter,
+        llm: nn.Module,
+        tokenizer,
+    ) -> None:
+        super().__init__()
+        if len(encoders) != len(config.encoders):
+            raise ValueError(f"config lists {len(config.encoders)} encoders, got {len(encoders)}")
+        dims = tuple(e.output_dim for e in encoders)
+        if dims != tuple(config.qformer.encoder_dims):
+            raise ValueError(f"encoder output dims {dims} do not match the Q-Former's {tuple(config.qformer.encoder_dims)}")
+        hidden = llm.get_input_embeddings().weight.shape[-1]
+        if hidden != config.qformer.llm_hidden_size:
+            raise ValueError(f"the LLM's hidden size is {hidden}, the adapter projects to {config.qformer.llm_hidden_size}")
+        window = round(config.audio.window_seconds * SAMPLE_RATE)
+        for enc in encoders:
+            if window > enc.max_samples:
+                raise ValueError(
+                    f"audio window {config.audio.window_seconds} s ({window} samples) exceeds what "
+                    f"{type(enc).__name__} takes ({enc.max_samples} samples)"
+                )
+        self.config = config
+        self.encoders = nn.ModuleList(encoders)
+        self.adapter = adapter
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
+
+    # ------------------------------------------------------------------ audio
+    @property
+    def device(self) -> torch.device:
+        return next(self.adapter.parameters()).device
+
+    def _window_bounds(self, num_samples: int) -> list[tuple[int, int]]:
+        audio = self.config.audio
+        return split_windows(
+            num_samples, round(audio.window_seconds * SAMPLE_RATE), round(audio.overlap_seconds * SAMPLE_RATE)
+        )
+
+    def _prepare_clip(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        clip = torch.as_tensor(np.asarray(samples, dtype=np.float32)).reshape(-1)
+        audio = self.config.audio
+        if clip.numel() / SAMPLE_RATE > audio.max_seconds:
+            raise UserInputError(
+                f"audio is {clip.numel() / SAMPLE_RATE:.1f} s long, the limit is {audio.max_seconds:.0f} s "
+                "(AudioSettings.max_seconds)"
+            )
+        shortest = round(audio.min_seconds * SAMPLE_RATE)
+        if clip.numel() < shortest:
+            clip = torch.nn.functional.pad(clip, (0, shortest - clip.numel()))
+        return clip
+
+    def _tokens_kept(self, valid_samples: int, produced: int) -> int:
+        """Audio tokens of a window that go to the LLM (all, or those covering audio)."""
+        if not self.config.audio.trim_to_audio:
+            return produced
+        frames = math.ceil(valid_samples * self.config.qformer.frame_rate / SAMPLE_RATE)
+        return min(produced, self.adapter.num_tokens_covering(frames))
+
+    @torch.no_grad()
+    def encode_clip(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Audio tokens of one 16 kHz mono clip of any length: [N, H] (N grows with the windows).
+
+        Windows are encoded ``windows_per_batch`` at a time, so encoder memory does not grow
+        with the length of the audio.
+        """
+        clip = self._prepare_clip(samples)
+        bounds = self._window_bounds(clip.numel())
+        window = round(self.config.audio.window_seconds * SAMPLE_RATE)
+        step = self.config.audio.windows_per_batch
+        pieces: list[torch.Tensor] = []
+        for first in range(0, len(bounds), step):
+            group = bounds[first : first + step]
+            lengths = torch.tensor([end - start for start, end in group])
+            width = min(window, int(lengths.max()))
+            waves = torch.zeros(len(group), width)  # [W, S]
+            for i, (start, end) in enumerate(group):
+                waves[i, : end - start] = clip[start:end]
+            tokens = self._encode_windows(waves, lengths)  # [W, n, H]
+            for i, (start, end) in enumerate(group):
+                pieces.append(tokens[i, : self._tokens_kept(end - start, tokens.shape[1])])
+        return torch.cat(pieces, dim=0)
+
+    def _encode_windows(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[W, S] windows -> [W, n, H] audio tokens.
+
+        Windows of different lengths go through the encoders separately so that no item
+        is ever padded by another: a batch gives the same numbers as single items.
+        """
+        device, dtype = self.device, next(self.adapter.parameters()).dtype
+        out = []
+        for length in lengths.unique(sorted=False).tolist():
+            idx = (lengths == length).nonzero().reshape(-1)
+            w = waves[idx, :length].to(device)
+            lens = lengths[idx].to(device)
+            feats = [enc(w.to(next(enc.parameters()).dtype), lens).features.to(dtype) for enc in self.encoders]
+            out.append((idx, self.adapter(feats)))
+        n = out[0][1].shape[1]
+        if any(t.shape[1] != n for _, t in out):
+            # Only with trim-free geometries that depend on length; pad per window.
+            n = max(t.shape[1] for _, t in out)
+        result = torch.zeros(len(lengths), n, out[0][1].shape[-1], dtype=out[0][1].dtype, device=device)
+        for idx, tokens in out:
+            result[idx.to(device), : tokens.shape[1]] = tokens
+        return result
+
+    @torch.no_grad()
+    def encode_audio(self, waveform: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+        """The vectors the LLM sees for a batch of clips: [B, N, H].
+
+        Args:
+            waveform: [B, S] or [S] float samples (mono) at ``sample_rate``.
+            sample_rate: resampled to 16 kHz when different.
+
+        Clips longer than one window give more tokens; in a batch all clips have the same
+        length S, so N is the same for all.
+        """
+        wave = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+        if wave.dim() == 1:
+            wave = wave[None]
+        if wave.dim() != 2:
+            raise UserInputError(f"waveform must be [B, S] or [S], got shape {tuple(wave.shape)}")
+        clips = [load_audio(w.numpy(), sample_rate=sample_rate, max_seconds=None).samples for w in wave]
+        return torch.stack([self.encode_clip(c) for c in clips])
+
+    def audio_token_count(self, num_samples: int) -> int:
+        """How many audio tokens a 16 kHz clip of ``num_samples`` samples becomes."""
+        clip = max(num_samples, round(self.config.audio.min_seconds * SAMPLE_RATE))
+        per_window = self.adapter.num_tokens(self._encoder_frames())
+        return sum(self._tokens_kept(end - start, per_window) for start, end in self._window_bounds(clip))
+
+    def _encoder_frames(self) -> int:
+        window = round(self.config.audio.window_seconds * SAMPLE_RATE)
+        return max(enc.num_frames(window) for enc in self.encoders)
+
+    # ------------------------------------------------------------- generation
+    def build_inputs(self, conversations: Sequence[list[Message]], audio: Sequence[Sequence[torch.Tensor]]):
+        """Left-padded ``inputs_embeds`` [B, T, H] and ``attention_mask`` [B, T] for a batch.
+
+        Args:
+            conversations: one message list per item.
+            audio: per item, the [N_i, H] tokens of each clip, in order of appearance.
+        """
+        if len(conversations) != len(audio):
+            raise UserInputError(f"{len(conversations)} conversations but audio for {len(audio)}")
+        embed = self.llm.get_input_embeddings()
+        seqs = []
+        for messages, clips in zip(conversations, audio, strict=True):
+            prompt = self.processor.tokenize(list(messages), [c.shape[0] for c in clips])
+            seqs.append(self.processor.merge(prompt, list(clips), embed))
+        return self.processor.left_pad(seqs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        conversations: Sequence[list[Message]],
+        audio: Sequence[Sequence[torch.Tensor]],
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Answers for a batch of conversations whose audio is already encoded.
+
+        Args:
+            conversations: one message list per item, each ending with a user turn.
+            audio: per item, the [N_i, H] tokens of its clips (see :meth:`encode_clip`).
+            settings: decoding; default SALMONN's beam 4.
+            on_text: called with each new piece of text (batch of one, no beam search).
+        """
+        settings = settings or GenerationSettings()
+        batch = self.build_inputs(conversations, audio)
+        streamer = None
+        if on_text is not None:
+            if len(conversations) != 1 or settings.num_beams != 1:
+                raise UserInputError("streaming needs a batch of one and num_beams 1")
+            streamer = _CallbackStreamer(self.tokenizer, on_text, self.processor.stop_ids).streamer
+        stop = self.processor.stop_ids
+        kwargs = dict(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens,
+            num_beams=settings.num_beams,
+            do_sample=settings.do_sample,
+            repetition_penalty=settings.repetition_penalty,
+            length_penalty=settings.length_penalty,
+            eos_token_id=stop,
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0],
+            streamer=streamer,
+        )
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        out = self.llm.generate(**kwargs)  # [B, new]
+        if streamer is not None:
+            streamer.end()
+        return [self.decode(row.tolist()) for row in out]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of generated ids, cut at the first stop token."""
+        stop = set(self.processor.stop_ids)
+        for i, t in enumerate(ids):
+            if t in stop:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def chat(
+        self,
+        prompt: str,
+        audio: Sequence[np.ndarray] = (),
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """One question about zero or more 16 kHz clips; the answer as text."""
+        clips = [self.encode_clip(a) for a in audio]
+        return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text)[0]
+
+    # ------------------------------------------------------------------- LoRA
+    def set_lora_scale(self, scale: float) -> None:
+        """Multiply the LoRA update by ``scale`` (1.0 = as trained; lower it under 8-bit)."""
+        from peft.tuners.lora import LoraLayer
+
+        if scale < 0:
+            raise UserInputError(f"LoRA scale must be >= 0, got {scale}")
+        layers = [m for m in self.llm.modules() if isinstance(m, LoraLayer)]
+        if not layers:
+            raise UserInputError("this model has no LoRA layers to scale")
+        for layer in layers:
+            for name in layer.lora_A:
+                layer.set_scale(name, scale)
+
+    # -------------------------------------------------------------- save/load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write config.json, adapter.safetensors, lora/ and tokenizer/ to ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder / "config.json")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
+        save_file(state, folder / "adapter.safetensors", metadata={"format": "pt", "omnivox": "adapter"})
+        if self.config.lora is not None:
+            self.llm.save_pretrained(folder / "lora")
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        quantization: Quantization = None,
+        lora_scale: float = 1.0,
+    ) -> OmnivoxModel:
+        """Load a model folder (see the module docstring for its layout)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: not a model folder (no such directory)")
+        config = OmnivoxConfig.load(folder / "config.json")
+        encoders = [
+            ENCODER_LOADERS[ref.kind](ref, resolve_ref(ref.path, folder), device, dtype) for ref in config.encoders
+        ]
+        adapter = AudioAdapter(config.qformer)
+        adapter_file = folder / "adapter.safetensors"
+        if not adapter_file.is_file():
+            raise CheckpointError(f"{folder}: adapter.safetensors is missing")
+        load_adapter_state(adapter, load_file(adapter_file), adapter_file)
+        adapter.to(device=device, dtype=dtype).eval()
+        llm_ref = resolve_ref(config.llm, folder)
+        llm = load_llm(llm_ref, gguf_file=config.llm_gguf_file, dtype=dtype, device=device, quantization=quantization)
+        tok_dir = folder / "tokenizer"
+        tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, config.llm_gguf_file)
+        if config.lora is not None:
+            llm = attach_lora(llm, config, folder / "lora")
+        model = cls(config, encoders, adapter, llm, tokenizer)
+        if config.lora is not None and lora_scale != 1.0:
+            model.set_lora_scale(lora_scale)
+        return model.eval()
+
+
+def load_adapter_state(adapter: AudioAdapter, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load adapter weights strictly, naming missing, unexpected and mis-shaped keys."""
+    own = adapter.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{source}: adapter weights do not fit the config: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {shapes}"
+        )
+    adapter.load_state_dict(state, strict=True)
+
+
+def attach_lora(llm: nn.Module, config: OmnivoxConfig, lora_dir: Path | None) -> nn.Module:
+    """Wrap ``llm`` with peft LoRA: loaded from ``lora_dir`` if it exists, else freshly initialised."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    assert config.lora is not None
+    if lora_dir is not None and lora_dir.is_dir():
+        try:
+            return PeftModel.from_pretrained(llm, str(lora_dir), is_trainable=False)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{lora_dir}: cannot load the LoRA adapter: {err}") from None
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(llm, peft_config)
