@@ -356,8 +356,10 @@ class AudioAdapter(nn.Module):
 
     def _encode_windows(self, windows: Tensor) -> Tensor:
         """Q-Former + projection on independent windows: ``[N, k, C]`` -> ``[N, Q, llm_hidden_size]``."""
-        queries = self.query_dropout(self.query_norm(self.queries))  # [1, Q, H]
-        x = queries.expand(windows.shape[0], -1, -1)  # [N, Q, H]
+        # BLIP-2 applies the embeddings LayerNorm + dropout to the expanded queries, so dropout
+        # masks differ per window in training.
+        x = self.queries.expand(windows.shape[0], -1, -1)  # [N, Q, H]
+        x = self.query_dropout(self.query_norm(x))  # [N, Q, H]
         for layer in self.layers:
             x = layer(x, windows)
         return self.projection(x)  # [N, Q, L]

@@ -40,6 +40,7 @@ from typing import Any, Literal, NoReturn
 import numpy as np
 import soundfile as sf
 import soxr
+
 from omnivox.errors import AudioInputError
 
 logger = logging.getLogger(__name__)
@@ -328,7 +329,9 @@ def _decode_ffmpeg(path: Path, label: str, max_seconds: float | None, sndfile_re
     except subprocess.TimeoutExpired:
         _fail(label, f"ffmpeg did not finish decoding within {FFMPEG_TIMEOUT_S:.0f} s")
     if proc.returncode != 0 or not proc.stdout:
-        ffmpeg_reason = _one_line(proc.stderr.decode("utf-8", "replace")) or f"exit status {proc.returncode}"
+        # Drop ffmpeg's "file:/tmp/...: " prefix: the label already names the input.
+        stderr = proc.stderr.decode("utf-8", "replace").replace(f"file:{path.resolve()}: ", "")
+        ffmpeg_reason = _one_line(stderr) or f"exit status {proc.returncode}"
         _fail(
             label,
             f"cannot decode: not a supported audio format, or corrupt (libsndfile: {sndfile_reason}; "

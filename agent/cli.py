@@ -10,7 +10,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from omnivox.errors import OmnivoxError, UserInputError
@@ -37,7 +36,6 @@ def _stderr_console():
 def load_model_for_cli(args: argparse.Namespace):
     """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags."""
     import torch
-
     from omnivox.agent.model import OmnivoxModel
 
     folder = Path(args.model) if args.model else default_model_dir()

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,9 +27,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import EncoderRef, OmnivoxConfig
@@ -35,6 +34,8 @@ from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message, get_prompt_style
+from safetensors.torch import load_file, save_file
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,41 @@ def resolve_ref(ref: str, root: Path | None) -> str:
     return ref
 
 
+def cache_root() -> Path:
+    """Where omnivox keeps derived files ($OMNIVOX_CACHE, default ~/.cache/omnivox)."""
+    return Path(os.environ.get("OMNIVOX_CACHE", Path.home() / ".cache" / "omnivox"))
+
+
+def materialize_gguf(ref: str, gguf_file: str) -> Path:
+    """An HF folder (safetensors + tokenizer) made once from a GGUF file, reused afterwards.
+
+    Dequantizing a GGUF costs seconds on every load (~14 s for SmolLM2-135M on 2 cores);
+    the cached float32 copy reloads in well under a second and is bit-identical.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(ref) / gguf_file
+    if not source.is_file():
+        raise CheckpointError(f"GGUF file not found: {source}")
+    stat = source.stat()
+    target = cache_root() / "llm" / f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    log.warning("converting %s to a cached safetensors copy in %s (once)", source, target)
+    model = AutoModelForCausalLM.from_pretrained(ref, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(ref, gguf_file=gguf_file)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # save_pretrained refuses GGUF-loaded models otherwise
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(target)  # atomic: a concurrent or interrupted run never leaves half a folder
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # another process finished first
+    return target
+
+
 def load_llm(
     ref: str,
     *,
@@ -78,9 +114,9 @@ def load_llm(
     """Load a causal LM from a hub id or local folder (optionally a GGUF file in it, or 8/4-bit)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict = {"dtype": dtype}
     if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+        ref = str(materialize_gguf(ref, gguf_file))
+    kwargs: dict = {"dtype": dtype}
     if quantization is not None:
         from transformers import BitsAndBytesConfig
 
@@ -108,8 +144,10 @@ def load_llm(
 def load_tokenizer(ref: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
+    if gguf_file:
+        ref = str(materialize_gguf(ref, gguf_file))
     try:
-        return AutoTokenizer.from_pretrained(ref, **({"gguf_file": gguf_file} if gguf_file else {}))
+        return AutoTokenizer.from_pretrained(ref)
     except OSError as err:
         raise CheckpointError(f"cannot load the tokenizer {ref!r}: {str(err).splitlines()[0]}") from None
 
@@ -244,7 +282,8 @@ class OmnivoxModel(nn.Module):
         if not self.config.audio.trim_to_audio:
             return produced
         frames = math.ceil(valid_samples * self.config.qformer.frame_rate / SAMPLE_RATE)
-        return min(produced, self.adapter.num_tokens_covering(frames))
+        covering = self.adapter.num_windows_covering(frames) * self.config.qformer.queries_per_window
+        return min(produced, covering)
 
     @torch.no_grad()
     def encode_clip(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -283,7 +322,11 @@ class OmnivoxModel(nn.Module):
             w = waves[idx, :length].to(device)
             lens = lengths[idx].to(device)
             feats = [enc(w.to(next(enc.parameters()).dtype), lens).features.to(dtype) for enc in self.encoders]
-            out.append((idx, self.adapter(feats)))
+            frames = None
+            if self.config.audio.trim_to_audio:  # compute only the Q-Former windows that cover audio
+                fused = max(f.shape[1] for f in feats)
+                frames = torch.clamp(torch.ceil(lens * self.config.qformer.frame_rate / SAMPLE_RATE).long(), 1, fused)
+            out.append((idx, self.adapter(feats, frame_lengths=frames)))
         n = out[0][1].shape[1]
         if any(t.shape[1] != n for _, t in out):
             # Only with trim-free geometries that depend on length; pad per window.

@@ -54,6 +54,10 @@ class AudioEncoder(nn.Module):
         """
         raise NotImplementedError
 
+    def num_frames(self, num_samples: int) -> int:  # pragma: no cover
+        """Output frames N for an input of ``num_samples`` samples (before any padding by the caller)."""
+        raise NotImplementedError
+
     def check_input(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> None:
         """Raise ``ValueError`` with the numbers when a batch does not fit this encoder."""
         if waveforms.dim() != 2:

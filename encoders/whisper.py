@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
-
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
 from omnivox.errors import CheckpointError
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -40,13 +40,11 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -325,14 +323,13 @@ def _map_whisper(v: _Variables) -> tuple[dict[str, int], dict[str, torch.Tensor]
         layer_norm(f"{ct2}/ffn/layer_norm", f"{ow}.mlp_ln")
     layer_norm("decoder/layer_norm", "decoder.ln")
 
+    encoder_heads = int(v.scalar("encoder/num_heads"))
+    decoder_heads = int(v.scalar("decoder/num_heads"))
     unused = v.unused()
     if unused:
         raise CheckpointError(
             f"{source}: {len(unused)} CTranslate2 variables have no openai-whisper equivalent: {unused[:10]}"
         )
-
-    encoder_heads = int(v.scalar("encoder/num_heads"))
-    decoder_heads = int(v.scalar("decoder/num_heads"))
     conv1 = sd["encoder.conv1.weight"]
     dims = {
         "n_mels": conv1.shape[1],
@@ -351,10 +348,15 @@ def _map_whisper(v: _Variables) -> tuple[dict[str, int], dict[str, torch.Tensor]
 
 def _check_against_openai_whisper(dims: dict[str, int], sd: dict[str, torch.Tensor], source: Path) -> None:
     """Compare names and shapes with an openai-whisper model of these dims (built on the meta device)."""
-    from whisper.model import ModelDimensions, Whisper
+    from whisper.model import AudioEncoder, TextDecoder
 
+    d = dims
+    # Encoder and decoder separately: Whisper() itself calls to_sparse, which the meta device lacks.
     with torch.device("meta"):
-        expected = {k: tuple(t.shape) for k, t in Whisper(ModelDimensions(**dims)).state_dict().items()}
+        encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
+        decoder = TextDecoder(d["n_vocab"], d["n_text_ctx"], d["n_text_state"], d["n_text_head"], d["n_text_layer"])
+    expected = {f"encoder.{k}": tuple(t.shape) for k, t in encoder.state_dict().items()}
+    expected |= {f"decoder.{k}": tuple(t.shape) for k, t in decoder.state_dict().items()}
     got = {k: tuple(t.shape) for k, t in sd.items()}
     missing, extra = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
@@ -485,5 +487,3 @@ __all__: list[str] = [
     "default_ct2_whisper_dir",
     "read_ct2_model_bin",
 ]
-
-_ = Callable  # keep the typing import used only in annotations above

@@ -1,0 +1,83 @@
+"""The omnivox CLI on a tiny model folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import soundfile as sf
+import tiny
+
+from omnivox.agent import cli
+from omnivox.agent.model import OmnivoxModel
+
+
+def _wav(tmp_path, seconds=2.0, name="clip.wav"):
+    path = tmp_path / name
+    sf.write(path, tiny.tone_clip(seconds, sample_rate=22050), 22050)
+    return path
+
+
+def test_chat_one_question_prints_the_answer(tiny_model_dir, tmp_path, capsys):
+    wav = _wav(tmp_path)
+    rc = cli.main(["chat", "--model", str(tiny_model_dir), "--audio", str(wav), "--greedy", "--max-new-tokens", "6", "What", "is", "said?"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    from omnivox.agent.audio import load_audio
+    from omnivox.agent.model import GenerationSettings
+
+    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    expected = model.chat("What is said?", [load_audio(wav).samples], GenerationSettings.greedy(max_new_tokens=6))
+    assert out.strip() == expected.strip()
+
+
+def test_interactive_chat_encodes_audio_once_and_keeps_turns(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    wav = _wav(tmp_path)
+    calls = {"encode": 0, "prompts": []}
+    real_encode, real_generate = OmnivoxModel.encode_clip, OmnivoxModel.generate
+
+    def counting_encode(self, samples):
+        calls["encode"] += 1
+        return real_encode(self, samples)
+
+    def recording_generate(self, conversations, audio, settings=None, on_text=None):
+        calls["prompts"].append([m.role for m in conversations[0]])
+        return real_generate(self, conversations, audio, settings, on_text)
+
+    monkeypatch.setattr(OmnivoxModel, "encode_clip", counting_encode)
+    monkeypatch.setattr(OmnivoxModel, "generate", recording_generate)
+    lines = iter(["What is said?", "", "And then?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    rc = cli.main(["chat", "--model", str(tiny_model_dir), "--audio", str(wav), "--greedy", "--max-new-tokens", "4"])
+    assert rc == 0
+    assert calls["encode"] == 1
+    assert calls["prompts"] == [["user"], ["user", "assistant", "user"]]
+    assert capsys.readouterr().out.count("omnivox> ") == 2
+
+
+def _run_cli(*args):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "omnivox.agent.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_bad_audio_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("this is not audio")
+    result = _run_cli("chat", "--model", str(tiny_model_dir), "--audio", str(bad), "hi")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("omnivox: error:") and "notes.wav" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_audio_and_model_errors(tiny_model_dir, tmp_path):
+    result = _run_cli("chat", "--model", str(tiny_model_dir), "--audio", str(tmp_path / "gone.flac"), "hi")
+    assert result.returncode == 2 and "gone.flac" in result.stderr and "Traceback" not in result.stderr
+    result = _run_cli("chat", "--model", str(tmp_path / "nomodel"), "hi")
+    assert result.returncode == 2 and "not an omnivox model folder" in result.stderr
+
+
+def test_conflicting_flags(tiny_model_dir, capsys):
+    assert cli.main(["chat", "--model", str(tiny_model_dir), "--greedy", "--temperature", "0.7", "hi"]) == 2
+    assert "exclude each other" in capsys.readouterr().err

@@ -1,0 +1,186 @@
+"""The assembled model on tiny random parts: folder round trip, batching, long audio, LoRA."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import tiny
+import torch
+
+from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.errors import CheckpointError, UserInputError
+from omnivox.prompts import Message
+
+GREEDY = GenerationSettings.greedy(max_new_tokens=8)
+
+
+def _first_logits(model: OmnivoxModel, clip: np.ndarray, prompt: str = "Please describe the audio.") -> torch.Tensor:
+    batch = model.build_inputs([[Message("user", prompt, num_audio=1)]], [[model.encode_clip(clip)]])
+    return model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits[0, -1]
+
+
+def test_folder_round_trip_gives_identical_outputs(tiny_model, tmp_path):
+    clip = tiny.tone_clip(2.0)
+    before = _first_logits(tiny_model, clip)
+    tiny_model.save_pretrained(tmp_path / "copy")
+    again = OmnivoxModel.from_pretrained(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["adapter.safetensors", "config.json", "lora", "tokenizer"]
+    torch.testing.assert_close(_first_logits(again, clip), before, rtol=0, atol=0)
+
+
+def test_audio_steers_the_answer(tiny_model):
+    a = _first_logits(tiny_model, tiny.tone_clip(2.0, 300.0))
+    b = _first_logits(tiny_model, tiny.tone_clip(2.0, 2000.0, seed=3) * 3)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_encode_audio_shape_and_salmonn_token_count(tiny_model):
+    tokens = tiny_model.encode_audio(np.stack([tiny.tone_clip(3.0), tiny.tone_clip(3.0, 600)]), sample_rate=16000)
+    assert tokens.shape == (2, 88, 32)  # 30 s window -> 1500 frames -> 88 windows of 17
+    assert tiny_model.audio_token_count(3 * 16000) == 88
+    # a clip at another rate is resampled first: same length in seconds, same token count
+    assert tiny_model.encode_audio(tiny.tone_clip(3.0, sample_rate=8000), sample_rate=8000).shape == (1, 88, 32)
+
+
+def test_batch_equals_single(tiny_model):
+    clips = [tiny.tone_clip(2.0, 220.0), tiny.tone_clip(0.5, 1000.0, seed=1), tiny.tone_clip(33.0, 500.0, seed=2)]
+    prompts = ["Please describe the audio.", "What is said?", "Is anyone speaking? Answer yes or no."]
+    encoded = [[tiny_model.encode_clip(c)] for c in clips]
+    conversations = [[Message("user", p, num_audio=1)] for p in prompts]
+    assert [e[0].shape[0] for e in encoded] == [88, 88, 176]  # the 33 s clip has two windows
+    for settings in (GREEDY, replace(GREEDY, num_beams=3)):
+        batch = tiny_model.generate(conversations, encoded, settings)
+        single = [tiny_model.generate([c], [e], settings)[0] for c, e in zip(conversations, encoded, strict=True)]
+        assert batch == single
+    # the batch path really pads: prompt lengths differ
+    lengths = [tiny_model.processor.tokenize(c, [e[0].shape[0]]).input_ids.numel() for c, e in zip(conversations, encoded, strict=True)]
+    assert len(set(lengths)) == 3
+
+
+def test_placeholder_count_mismatch_is_loud(tiny_model):
+    prompt = tiny_model.processor.tokenize([Message("user", "hi", num_audio=1)], [88])
+    embed = tiny_model.llm.get_input_embeddings()
+    with pytest.raises(ValueError, match="tokens: 88, features 87"):
+        tiny_model.processor.merge(prompt, [torch.zeros(87, 32)], embed)
+    with pytest.raises(UserInputError, match="placeholders 1, clips 2"):
+        tiny_model.processor.tokenize([Message("user", "hi", num_audio=1)], [88, 88])
+
+
+def test_salmonn_prompt_segments(tiny_model):
+    prompt = tiny_model.processor.tokenize([Message("user", "  Describe it. ", num_audio=1)], [3])
+    ids = prompt.input_ids.tolist()
+    tok = tiny_model.tokenizer
+    assert ids[0] == tok.bos_token_id
+    first = tok("USER: <Speech>", add_special_tokens=False)["input_ids"]
+    second = tok("</Speech> Describe it.\nASSISTANT:", add_special_tokens=False)["input_ids"]
+    assert ids == [tok.bos_token_id, *first, *[tiny_model.processor.audio_id] * 3, *second]
+    assert prompt.audio_mask.tolist() == [False] * (1 + len(first)) + [True] * 3 + [False] * len(second)
+
+
+class _CountingEncoder(torch.nn.Module):
+    """Wraps an encoder and records the largest batch it is given (samples in one call)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.largest = 0
+        self.calls = 0
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, waves, lengths):
+        self.largest = max(self.largest, waves.numel())
+        self.calls += 1
+        return self.inner(waves, lengths)
+
+
+def test_long_audio_is_windowed_in_order_with_flat_encoder_memory(tiny_model_dir):
+    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    model.config = replace(model.config, audio=replace(model.config.audio, windows_per_batch=2))
+    model.encoders = torch.nn.ModuleList(_CountingEncoder(e) for e in model.encoders)
+    window = 30 * 16000
+    minutes = [tiny.tone_clip(60.0 * m, 300.0 + 100 * m, seed=m) for m in (1, 4)]
+    outputs = [model.encode_clip(c) for c in minutes]
+    assert [o.shape[0] for o in outputs] == [2 * 88, 8 * 88]  # every window's tokens, nothing dropped
+    # memory: no encoder call ever saw more than windows_per_batch windows, however long the audio
+    assert all(e.largest <= 2 * window for e in model.encoders)
+    # order: window k of the long clip equals that window encoded alone
+    second = minutes[1][window : 2 * window]
+    torch.testing.assert_close(outputs[1][88:176], model.encode_clip(second), rtol=1e-5, atol=1e-5)
+
+
+def test_overlapping_windows(tiny_model_dir, tmp_path):
+    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    model.config = replace(model.config, audio=replace(model.config.audio, overlap_seconds=10.0))
+    assert model.audio_token_count(50 * 16000) == 2 * 88  # windows [0, 30) and [20, 50)
+    assert model.encode_clip(tiny.tone_clip(50.0)).shape[0] == 2 * 88
+
+
+def test_trim_to_audio_keeps_only_covering_windows(tiny_model_dir):
+    full = OmnivoxModel.from_pretrained(tiny_model_dir)
+    trimmed = OmnivoxModel.from_pretrained(tiny_model_dir)
+    trimmed.config = replace(trimmed.config, audio=replace(trimmed.config.audio, trim_to_audio=True))
+    clip = tiny.tone_clip(3.0)
+    kept = trimmed.encode_clip(clip)
+    assert kept.shape[0] == trimmed.audio_token_count(clip.size) == 9  # 150 frames / 17 per window
+    torch.testing.assert_close(kept, full.encode_clip(clip)[:9], rtol=1e-5, atol=1e-6)
+
+
+def test_too_long_audio_is_rejected_not_truncated(tiny_model_dir):
+    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    model.config = replace(model.config, audio=replace(model.config.audio, max_seconds=5.0))
+    with pytest.raises(UserInputError, match="6.0 s long, the limit is 5 s"):
+        model.encode_clip(tiny.tone_clip(6.0))
+
+
+def test_lora_scale_changes_output_and_zero_removes_it(tiny_model_dir):
+    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    clip = tiny.tone_clip(2.0)
+    base = _first_logits(model, clip)
+    model.set_lora_scale(0.0)
+    without = _first_logits(model, clip)
+    with model.llm.disable_adapter():
+        disabled = _first_logits(model, clip)
+    torch.testing.assert_close(without, disabled)
+    assert (base - without).abs().max() > 1e-3
+    model.set_lora_scale(1.0)
+    torch.testing.assert_close(_first_logits(model, clip), base)
+
+
+def test_streaming_yields_the_same_text(tiny_model):
+    pieces: list[str] = []
+    clip = [tiny_model.encode_clip(tiny.tone_clip(2.0))]
+    conv = [[Message("user", "What is said?", num_audio=1)]]
+    answer = tiny_model.generate(conv, [clip], GREEDY, on_text=pieces.append)[0]
+    assert "".join(pieces).strip() == answer
+
+
+def test_bad_model_folders(tmp_path, tiny_model_dir):
+    with pytest.raises(CheckpointError, match="no such directory"):
+        OmnivoxModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        OmnivoxModel.from_pretrained(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        OmnivoxModel.from_pretrained(broken)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    state = load_file(copy / "adapter.safetensors")
+    key = sorted(state)[0]
+    state[key] = torch.zeros(3, 3)
+    save_file(state, copy / "adapter.safetensors")
+    with pytest.raises(CheckpointError, match="wrong shapes"):
+        OmnivoxModel.from_pretrained(copy)

@@ -1,0 +1,151 @@
+"""Tiny models in the real file formats, built by the tests themselves (nothing is downloaded).
+
+- Whisper: an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``), 30 s windows.
+- BEATs: an official-format ``{"cfg", "model"}`` checkpoint.
+- LLM: an HF LLaMA folder with a BPE tokenizer trained here.
+- omnivox: a model folder made of those parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+CORPUS = """
+The quick brown fox jumps over the lazy dog. A man is speaking while music plays.
+Please describe the audio. Transcribe the speech. What is said? Is anyone speaking?
+Someone knocks on the door three times. The siren gets louder and then fades away.
+Rain falls on the roof, and a car engine starts in the distance. Birds sing at dawn.
+USER: ASSISTANT: <Speech></Speech> yes no one two three four five six seven eight nine ten
+""".strip()
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer (~300 tokens) with LLaMA-like and ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS.split("\n") * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_llm(folder: Path, vocab_size: int, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A random LLaMA (hidden 32, 2 layers, 4 heads / 2 KV heads) saved with save_pretrained."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so greedy answers vary with the input
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_whisper(path: Path, n_state: int = 16, seed: int = 0) -> Path:
+    """An openai-whisper checkpoint with tiny widths but the real 30 s / 1500-frame geometry."""
+    import whisper.model
+
+    torch.manual_seed(seed)
+    dims = whisper.model.ModelDimensions(
+        n_mels=80, n_audio_ctx=1500, n_audio_state=n_state, n_audio_head=2, n_audio_layer=1,
+        n_vocab=64, n_text_ctx=8, n_text_state=n_state, n_text_head=2, n_text_layer=1,
+    )  # fmt: skip
+    model = whisper.model.Whisper(dims)
+    torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+def make_beats(path: Path, dim: int = 16, seed: int = 0) -> Path:
+    """An official-format BEATs checkpoint (1 layer of width ``dim``, full 16x16 patch geometry)."""
+    from omnivox.encoders.beats import BeatsConfig, build_beats, save_checkpoint
+
+    config = BeatsConfig(
+        encoder_layers=1, encoder_embed_dim=dim, encoder_ffn_embed_dim=2 * dim, encoder_attention_heads=2,
+        embed_dim=8, conv_pos=16, conv_pos_groups=4,
+    )  # fmt: skip
+    save_checkpoint(build_beats(config, seed=seed), path)
+    return path
+
+
+def make_model_folder(
+    root: Path,
+    *,
+    prompt_style: str = "salmonn",
+    trim_to_audio: bool = False,
+    windows_per_batch: int = 4,
+    overlap_seconds: float = 0.0,
+    lora: bool = True,
+    seed: int = 0,
+) -> Path:
+    """A complete tiny omnivox model folder (random weights) in ``root/model``; parts in ``root/parts``."""
+    from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
+    from omnivox.agent.config import AudioSettings, EncoderRef, LoraSettings, OmnivoxConfig
+    from omnivox.agent.model import OmnivoxModel, attach_lora, load_llm
+    from omnivox.encoders.beats import BeatsEncoder
+    from omnivox.encoders.whisper import WhisperEncoder
+
+    parts = root / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(parts / "llm")
+    make_llm(parts / "llm", vocab_size=len(tokenizer), seed=seed)
+    make_whisper(parts / "whisper.pt", seed=seed)
+    make_beats(parts / "beats.pt", seed=seed)
+    config = OmnivoxConfig(
+        llm=str(parts / "llm"),
+        encoders=(EncoderRef("whisper", str(parts / "whisper.pt")), EncoderRef("beats", str(parts / "beats.pt"))),
+        qformer=QFormerConfig(
+            encoder_dims=(16, 16), hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, llm_hidden_size=32
+        ),
+        lora=LoraSettings() if lora else None,
+        prompt_style=prompt_style,
+        audio=AudioSettings(trim_to_audio=trim_to_audio, windows_per_batch=windows_per_batch, overlap_seconds=overlap_seconds),
+    )
+    torch.manual_seed(seed)
+    adapter = AudioAdapter(config.qformer)
+    with torch.no_grad():  # stronger than BERT init so that audio visibly steers the tiny LLM
+        for p in adapter.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.3)
+    llm = load_llm(str(parts / "llm"))
+    if lora:
+        llm = attach_lora(llm, config, None)
+        with torch.no_grad():  # peft initialises B to zero; make the LoRA matter
+            for name, p in llm.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.2)
+    encoders = [WhisperEncoder.from_pretrained(str(parts / "whisper.pt")), BeatsEncoder.from_checkpoint(parts / "beats.pt")]
+    model = OmnivoxModel(config, encoders, adapter, llm, tokenizer)
+    return model.save_pretrained(root / "model")
+
+
+def tone_clip(seconds: float, freq: float = 440.0, seed: int = 0, sample_rate: int = 16000):
+    """A float32 tone plus a little noise (deterministic)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    return (0.4 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
