@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--beats", required=True, help="BEATs checkpoint .pt")
     cs.add_argument("--llm", required=True, help="Vicuna: HF folder or hub id")
     cs.add_argument("--out", required=True, help="output model folder")
-    cs.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (default hidden/64)")
+    cs.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (not stored in the file; default 12 for hidden 768, required otherwise)")
     cs.set_defaults(func=cmd_convert_salmonn)
 
     bench = sub.add_parser("bench", help="measure encoding, time to first token, decode speed, memory")

@@ -416,7 +416,9 @@ class OmnivoxModel(nn.Module):
             repetition_penalty=settings.repetition_penalty,
             length_penalty=settings.length_penalty,
             eos_token_id=stop,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop[0],
+            # finished rows are filled with this id and fed back in: it must exist in the LLM's vocabulary
+            # (SALMONN's added [PAD] does not), so use the stop token
+            pad_token_id=stop[0],
             streamer=streamer,
         )
         if settings.do_sample:
