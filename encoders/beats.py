@@ -102,7 +102,9 @@ def kaldi_mel_banks(
     if high_freq <= 0.0:
         high_freq += nyquist
     if not 0.0 <= low_freq < high_freq <= nyquist:
-        raise ValueError(f"mel filters need 0 <= low_freq < high_freq <= nyquist, got {low_freq}, {high_freq}, {nyquist}")
+        raise ValueError(
+            f"mel filters need 0 <= low_freq < high_freq <= nyquist, got {low_freq}, {high_freq}, {nyquist}"
+        )
     mel_low = 1127.0 * math.log(1.0 + low_freq / 700.0)
     mel_high = 1127.0 * math.log(1.0 + high_freq / 700.0)
     mel_delta = (mel_high - mel_low) / (num_bins + 1)  # edges spread one filter beyond each side
@@ -110,7 +112,9 @@ def kaldi_mel_banks(
     left = mel_low + index * mel_delta
     center = mel_low + (index + 1.0) * mel_delta
     right = mel_low + (index + 2.0) * mel_delta
-    fft_mel = _mel(sample_rate / padded_window_size * torch.arange(padded_window_size // 2, dtype=torch.float32))
+    fft_mel = _mel(
+        sample_rate / padded_window_size * torch.arange(padded_window_size // 2, dtype=torch.float32)
+    )
     fft_mel = fft_mel.unsqueeze(0)  # [1, K]
     up = (fft_mel - left) / (center - left)
     down = (right - fft_mel) / (right - center)
@@ -152,7 +156,9 @@ def kaldi_fbank(
     window_size = int(sample_rate * frame_length_ms * 0.001)
     window_shift = int(sample_rate * frame_shift_ms * 0.001)
     if waveforms.shape[-1] < window_size:
-        raise ValueError(f"kaldi_fbank needs at least one frame of {window_size} samples, got {waveforms.shape[-1]}")
+        raise ValueError(
+            f"kaldi_fbank needs at least one frame of {window_size} samples, got {waveforms.shape[-1]}"
+        )
     padded_size = 1 << (window_size - 1).bit_length()  # next power of two: 400 -> 512
 
     frames = waveforms.float().unfold(-1, window_size, window_shift)  # [B, F, W]
@@ -188,13 +194,22 @@ def fold_padding_mask(padding_mask: torch.Tensor, num_frames: int) -> torch.Tens
     if not 0 < num_frames <= length:
         raise ValueError(f"cannot fold a padding mask of length {length} onto {num_frames} frames")
     usable = length - length % num_frames
-    return padding_mask[:, :usable].reshape(padding_mask.shape[0], num_frames, -1).all(dim=-1)  # [B, N, L // N] -> [B, N]
+    return (
+        padding_mask[:, :usable].reshape(padding_mask.shape[0], num_frames, -1).all(dim=-1)
+    )  # [B, N, L // N] -> [B, N]
 
 
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------
-_BOOL_FIELDS = ("conv_bias", "layer_norm_first", "deep_norm", "relative_position_embedding", "gru_rel_pos", "finetuned_model")
+_BOOL_FIELDS = (
+    "conv_bias",
+    "layer_norm_first",
+    "deep_norm",
+    "relative_position_embedding",
+    "gru_rel_pos",
+    "finetuned_model",
+)
 _INT_FIELDS = (
     "input_patch_size",
     "embed_dim",
@@ -290,14 +305,24 @@ class BeatsConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"BeatsConfig.{name} must be a float, got {value!r}")
         if not isinstance(self.activation_fn, str) or self.activation_fn not in ACTIVATIONS:
-            raise ValueError(f"BeatsConfig.activation_fn must be one of {sorted(ACTIVATIONS)}, got {self.activation_fn!r}")
-        positive = ("input_patch_size", "embed_dim", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim")
+            raise ValueError(
+                f"BeatsConfig.activation_fn must be one of {sorted(ACTIVATIONS)}, got {self.activation_fn!r}"
+            )
+        positive = (
+            "input_patch_size",
+            "embed_dim",
+            "encoder_layers",
+            "encoder_embed_dim",
+            "encoder_ffn_embed_dim",
+        )
         positive += ("encoder_attention_heads", "conv_pos", "conv_pos_groups", "predictor_class")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"BeatsConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.input_patch_size > NUM_MEL_BINS:
-            raise ValueError(f"BeatsConfig.input_patch_size ({self.input_patch_size}) exceeds the {NUM_MEL_BINS} mel bins")
+            raise ValueError(
+                f"BeatsConfig.input_patch_size ({self.input_patch_size}) exceeds the {NUM_MEL_BINS} mel bins"
+            )
         if self.encoder_embed_dim % self.encoder_attention_heads:
             raise ValueError(
                 f"BeatsConfig: encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
@@ -308,16 +333,22 @@ class BeatsConfig:
                 f"BeatsConfig: encoder_embed_dim {self.encoder_embed_dim} is not divisible by conv_pos_groups {self.conv_pos_groups}"
             )
         if self.deep_norm and self.layer_norm_first:
-            raise ValueError("BeatsConfig: deep_norm applies to post-norm layers; it needs layer_norm_first=False")
+            raise ValueError(
+                "BeatsConfig: deep_norm applies to post-norm layers; it needs layer_norm_first=False"
+            )
         for name in _PROBABILITY_FIELDS:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"BeatsConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.layer_wise_gradient_decay_ratio <= 0:
-            raise ValueError(f"BeatsConfig.layer_wise_gradient_decay_ratio must be > 0, got {self.layer_wise_gradient_decay_ratio}")
+            raise ValueError(
+                f"BeatsConfig.layer_wise_gradient_decay_ratio must be > 0, got {self.layer_wise_gradient_decay_ratio}"
+            )
         if self.relative_position_embedding:
             # Buckets: half per direction, half of those exact, the rest log-spaced up to max_distance.
             if self.num_buckets < 4:
-                raise ValueError(f"BeatsConfig.num_buckets must be >= 4 with relative_position_embedding, got {self.num_buckets}")
+                raise ValueError(
+                    f"BeatsConfig.num_buckets must be >= 4 with relative_position_embedding, got {self.num_buckets}"
+                )
             if self.max_distance <= self.num_buckets // 4:
                 raise ValueError(
                     f"BeatsConfig.max_distance ({self.max_distance}) must exceed num_buckets // 4 ({self.num_buckets // 4})"
@@ -351,7 +382,12 @@ class BeatsConfig:
         values: dict[str, Any] = {}
         for name in names:
             value = cfg[name] if name in cfg else _OFFICIAL_DEFAULTS[name]
-            if name in _BOOL_FIELDS and not isinstance(value, bool) and isinstance(value, int) and value in (0, 1):
+            if (
+                name in _BOOL_FIELDS
+                and not isinstance(value, bool)
+                and isinstance(value, int)
+                and value in (0, 1)
+            ):
                 value = bool(value)
             elif name in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -463,13 +499,21 @@ class WeightNormConv1d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def weight(self) -> torch.Tensor:
-        """[D, D / groups, K] effective weight."""
-        norm = self.weight_v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()  # [1, 1, K]
-        return self.weight_v * (self.weight_g / norm)
+        """[D, D / groups, K] effective weight, in float32."""
+        weight_v = self.weight_v.float()
+        norm = weight_v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()  # [1, 1, K]
+        return weight_v * (self.weight_g.float() / norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, D, T] -> [B, D, T + 1 - K % 2] (padding K // 2 on both sides)."""
-        return F.conv1d(x, self.weight(), self.bias, padding=self.kernel_size // 2, groups=self.groups)
+        """[B, D, T] -> [B, D, T + 1 - K % 2] (padding K // 2 on both sides), in the dtype of ``x``.
+
+        Computed in float32: torch 2.13's CPU bfloat16 grouped conv1d returns wrong values for
+        BEATs' shapes (groups 16, kernel 128), and this layer is cheap next to the transformer.
+        """
+        out = F.conv1d(
+            x.float(), self.weight(), self.bias.float(), padding=self.kernel_size // 2, groups=self.groups
+        )
+        return out.to(x.dtype)
 
 
 class TrimLast(nn.Module):
@@ -523,15 +567,22 @@ class BeatsSelfAttention(nn.Module):
         distance = relative_position.abs()
         max_exact = half // 2
         # Same float32 op order as the official code, so bucket boundaries agree.
-        far = max_exact + (
-            torch.log(distance.clamp(min=1).float() / max_exact) / math.log(self.max_distance / max_exact) * (half - max_exact)
-        ).long()
+        far = (
+            max_exact
+            + (
+                torch.log(distance.clamp(min=1).float() / max_exact)
+                / math.log(self.max_distance / max_exact)
+                * (half - max_exact)
+            ).long()
+        )
         far = far.clamp(max=half - 1)
         return buckets + torch.where(distance < max_exact, distance, far)
 
     def compute_bias(self, length: int) -> torch.Tensor:
         """Relative position bias [H, T, T] for a sequence of ``length`` tokens."""
-        assert self.relative_attention_bias is not None, "compute_bias needs the relative_attention_bias layer"
+        assert self.relative_attention_bias is not None, (
+            "compute_bias needs the relative_attention_bias layer"
+        )
         position = torch.arange(length, device=self.relative_attention_bias.weight.device)
         buckets = self._buckets(position[None, :] - position[:, None])  # [T, T], key - query
         return self.relative_attention_bias(buckets).permute(2, 0, 1)  # [T, T, H] -> [H, T, T]
@@ -569,7 +620,9 @@ class BeatsSelfAttention(nn.Module):
             bias = position_bias.unsqueeze(0)  # [1, H, T, T]
             if self.gru_rel_pos:
                 query = q * ATTENTION_ALPHA / self.scaling  # back to the unscaled projection
-                gates = torch.sigmoid(self.grep_linear(query).view(batch, self.num_heads, length, 2, 4).sum(-1))  # [B, H, T, 2]
+                gates = torch.sigmoid(
+                    self.grep_linear(query).view(batch, self.num_heads, length, 2, 4).sum(-1)
+                )  # [B, H, T, 2]
                 gate_a, gate_b = gates.chunk(2, dim=-1)  # [B, H, T, 1] each
                 gate = gate_a * (gate_b * self.grep_a - 1.0) + 2.0  # [B, H, T, 1]
                 bias = gate * bias  # [B, H, T, T]
@@ -597,7 +650,9 @@ class BeatsLayer(nn.Module):
         self.dropout3 = nn.Dropout(cfg.dropout)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1: nn.Module = (
-            GluLinear(dim, cfg.encoder_ffn_embed_dim) if cfg.activation_fn == "glu" else nn.Linear(dim, cfg.encoder_ffn_embed_dim)
+            GluLinear(dim, cfg.encoder_ffn_embed_dim)
+            if cfg.activation_fn == "glu"
+            else nn.Linear(dim, cfg.encoder_ffn_embed_dim)
         )
         self.activation = ACTIVATIONS[cfg.activation_fn]
         self.fc2 = nn.Linear(cfg.encoder_ffn_embed_dim, dim)
@@ -697,11 +752,17 @@ class BEATs(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embedding = nn.Conv2d(
-            1, cfg.embed_dim, kernel_size=cfg.input_patch_size, stride=cfg.input_patch_size, bias=cfg.conv_bias
+            1,
+            cfg.embed_dim,
+            kernel_size=cfg.input_patch_size,
+            stride=cfg.input_patch_size,
+            bias=cfg.conv_bias,
         )
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         self.post_extract_proj = (
-            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim) if cfg.embed_dim != cfg.encoder_embed_dim else None
+            nn.Linear(cfg.embed_dim, cfg.encoder_embed_dim)
+            if cfg.embed_dim != cfg.encoder_embed_dim
+            else None
         )
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.encoder = BeatsTransformer(cfg)
@@ -751,7 +812,9 @@ class BEATs(nn.Module):
                 f"BEATs needs at least {self.min_samples} samples ({self.min_samples / SAMPLE_RATE:.3f} s) "
                 f"for one patch of {self.cfg.input_patch_size} fbank frames, got {source.shape[1]}"
             )
-        if padding_mask is not None and (padding_mask.shape != source.shape or padding_mask.dtype != torch.bool):
+        if padding_mask is not None and (
+            padding_mask.shape != source.shape or padding_mask.dtype != torch.bool
+        ):
             raise ValueError(
                 f"padding_mask must be bool with the shape of source {tuple(source.shape)}, "
                 f"got {padding_mask.dtype} {tuple(padding_mask.shape)}"
@@ -872,7 +935,11 @@ def _check_state_dict(model: BEATs, state: Mapping[str, Any], source: str) -> No
     missing = [f"{k} {list(s)}" for k, s in expected.items() if k not in state]
     if missing:
         problems.append(f"missing keys ({len(missing)}): {_list(missing)}")
-    unexpected = [f"{k} {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}" for k, v in state.items() if k not in expected]
+    unexpected = [
+        f"{k} {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+        for k, v in state.items()
+        if k not in expected
+    ]
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {_list(unexpected)}")
     wrong = []
@@ -916,15 +983,23 @@ def load_beats_checkpoint(
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"{path} is not a readable BEATs checkpoint (torch.load failed: {type(err).__name__}: {err})") from err
+        raise CheckpointError(
+            f"{path} is not a readable BEATs checkpoint (torch.load failed: {type(err).__name__}: {err})"
+        ) from err
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a dict with 'cfg' and 'model', got a {type(checkpoint).__name__}")
+        raise CheckpointError(
+            f"{path}: expected a dict with 'cfg' and 'model', got a {type(checkpoint).__name__}"
+        )
     lacking = [key for key in ("cfg", "model") if key not in checkpoint]
     if lacking:
-        raise CheckpointError(f"{path}: a BEATs checkpoint needs 'cfg' and 'model', it lacks {lacking} (has {sorted(map(str, checkpoint))})")
+        raise CheckpointError(
+            f"{path}: a BEATs checkpoint needs 'cfg' and 'model', it lacks {lacking} (has {sorted(map(str, checkpoint))})"
+        )
     cfg, state = checkpoint["cfg"], checkpoint["model"]
     if not isinstance(cfg, dict) or not isinstance(state, dict):
-        raise CheckpointError(f"{path}: 'cfg' and 'model' must be dicts, got {type(cfg).__name__} and {type(state).__name__}")
+        raise CheckpointError(
+            f"{path}: 'cfg' and 'model' must be dicts, got {type(cfg).__name__} and {type(state).__name__}"
+        )
     try:
         config = BeatsConfig.from_dict(cfg)
     except (TypeError, ValueError) as err:
@@ -986,7 +1061,9 @@ class BeatsEncoder(AudioEncoder):
         cfg = model.cfg
         self.output_dim = cfg.encoder_embed_dim
         frames_per_second = 1000.0 / FRAME_SHIFT_MS
-        self.frame_rate = frames_per_second / cfg.input_patch_size * cfg.tokens_per_patch_row  # 50.0 for p = 16
+        self.frame_rate = (
+            frames_per_second / cfg.input_patch_size * cfg.tokens_per_patch_row
+        )  # 50.0 for p = 16
         self.max_samples = MAX_SECONDS * SAMPLE_RATE
         self.requires_grad_(False)
         self.eval()
@@ -1020,7 +1097,9 @@ class BeatsEncoder(AudioEncoder):
         """
         self.check_input(waveforms, lengths)
         if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"BeatsEncoder: every item needs at least one sample, got lengths {lengths.tolist()}")
+            raise ValueError(
+                f"BeatsEncoder: every item needs at least one sample, got lengths {lengths.tolist()}"
+            )
         positions = torch.arange(waveforms.shape[1], device=waveforms.device)
         padding_mask = positions.unsqueeze(0) >= lengths.to(waveforms.device).unsqueeze(1)  # [B, S]
         features, token_mask = self.model.extract_features(waveforms, padding_mask)
