@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import torch
+from torch import nn
+
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
 from omnivox.errors import CheckpointError
-from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,9 @@ class WhisperEncoder(AudioEncoder):
         d_model: feature size.
     """
 
-    def __init__(self, backbone: nn.Module, kind: CheckpointKind, n_mels: int, n_ctx: int, d_model: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, kind: CheckpointKind, n_mels: int, n_ctx: int, d_model: int
+    ) -> None:
         super().__init__()
         if kind not in ("openai", "hf"):
             raise ValueError(f"kind must be 'openai' or 'hf', got {kind!r}")
@@ -166,15 +170,18 @@ class WhisperEncoder(AudioEncoder):
             encoder = cls._from_hf(str(path))
         elif name in whisper.available_models():
             encoder = cls._from_openai_name(name, download_root)
-        elif "/" in name and not path.is_absolute() and not name.startswith((".", "~")) and name.count("/") == 1:
+        elif (  # "owner/name": a hub id, unless it looks like a (missing) local file
+            name.count("/") == 1
+            and not name.startswith((".", "~", "/"))
+            and path.suffix not in (".pt", ".pth", ".bin", ".safetensors")
+        ):
             encoder = cls._from_hf(name)
         else:
             raise CheckpointError(
                 f"Whisper checkpoint {name!r} not found: pass an existing openai-whisper .pt file, a Hugging Face "
                 f"Whisper folder, a hub id like 'openai/whisper-large-v2', or one of {whisper.available_models()}"
             )
-        encoder.backbone.to(device=device, dtype=dtype)
-        encoder.mel.to(device=device)  # the log-mel stays float32
+        encoder.to(device=device, dtype=dtype)  # see _apply: some parts stay float32
         logger.info(
             "Whisper encoder from %s (%s): n_mels %d, %d frames, d_model %d, %.1f M params",
             name,
@@ -187,7 +194,9 @@ class WhisperEncoder(AudioEncoder):
         return encoder
 
     @classmethod
-    def _from_openai_state(cls, dims: dict, state_dict: dict[str, torch.Tensor], source: str) -> WhisperEncoder:
+    def _from_openai_state(
+        cls, dims: dict, state_dict: dict[str, torch.Tensor], source: str
+    ) -> WhisperEncoder:
         """Build openai-whisper's ``AudioEncoder`` from ``dims`` and the ``encoder.*`` tensors of a state dict."""
         from whisper.model import AudioEncoder as OpenAIAudioEncoder
 
@@ -202,8 +211,16 @@ class WhisperEncoder(AudioEncoder):
         except RuntimeError as err:
             raise CheckpointError(f"{source}: encoder weights do not match its dims {dims}: {err}") from err
         n_dropped = len(state_dict) - len(enc_state)
-        logger.debug("%s: loaded %d encoder tensors, dropped %d decoder tensors", source, len(enc_state), n_dropped)
-        return cls(backbone.eval(), "openai", int(dims["n_mels"]), int(dims["n_audio_ctx"]), int(dims["n_audio_state"]))
+        logger.debug(
+            "%s: loaded %d encoder tensors, dropped %d decoder tensors", source, len(enc_state), n_dropped
+        )
+        return cls(
+            backbone.eval(),
+            "openai",
+            int(dims["n_mels"]),
+            int(dims["n_audio_ctx"]),
+            int(dims["n_audio_state"]),
+        )
 
     @classmethod
     def _from_openai_file(cls, path: Path) -> WhisperEncoder:
@@ -214,9 +231,15 @@ class WhisperEncoder(AudioEncoder):
             raise CheckpointError(
                 f"{path} is not a readable openai-whisper checkpoint (torch.load failed: {type(err).__name__}: {err})"
             ) from err
-        if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+        if (
+            not isinstance(checkpoint, dict)
+            or "dims" not in checkpoint
+            or "model_state_dict" not in checkpoint
+        ):
             keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-            raise CheckpointError(f"{path}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}")
+            raise CheckpointError(
+                f"{path}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}"
+            )
         return cls._from_openai_state(checkpoint["dims"], checkpoint["model_state_dict"], str(path))
 
     @classmethod
@@ -225,7 +248,9 @@ class WhisperEncoder(AudioEncoder):
         import whisper
 
         try:
-            model = whisper.load_model(name, device="cpu", download_root=None if download_root is None else str(download_root))
+            model = whisper.load_model(
+                name, device="cpu", download_root=None if download_root is None else str(download_root)
+            )
         except (urllib.error.URLError, OSError, RuntimeError) as err:
             raise CheckpointError(
                 f"could not download the openai-whisper weights {name!r} ({type(err).__name__}: {err}); "
@@ -246,7 +271,9 @@ class WhisperEncoder(AudioEncoder):
         from transformers import WhisperForAudioClassification
 
         try:
-            model, info = WhisperForAudioClassification.from_pretrained(name_or_path, output_loading_info=True)
+            model, info = WhisperForAudioClassification.from_pretrained(
+                name_or_path, output_loading_info=True
+            )
         except (OSError, ValueError) as err:
             raise CheckpointError(
                 f"could not load the Hugging Face Whisper checkpoint {name_or_path!r} ({type(err).__name__}: {err}); "
@@ -266,10 +293,28 @@ class WhisperEncoder(AudioEncoder):
         del model  # drop the classification head
         return cls(backbone, "hf", config.num_mel_bins, config.max_source_positions, config.d_model)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> WhisperEncoder:
+        """After any ``.to()``/``.half()``, put back the parts that must stay float32.
+
+        The log-mel is always computed in float32, and openai-whisper's LayerNorm runs on
+        ``x.float()``, so its parameters must be float32 whatever the rest of the weights are.
+        """
+        super()._apply(fn, recurse)
+        self.mel.float()
+        if self.kind == "openai":
+            for module in self.backbone.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.float()
+        return self
+
     # ----------------------------------------------------------------------------- forward
     def train(self, mode: bool = True) -> WhisperEncoder:
         """The encoder is frozen: it stays in eval mode whatever the parent module does."""
         return super().train(False)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Output frames for any input length: always ``n_ctx`` (every item is padded to the full window)."""
+        return self.n_ctx
 
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid output frames per item: ``ceil(samples / 320)``, at most ``n_ctx``.
@@ -319,7 +364,7 @@ class WhisperEncoder(AudioEncoder):
             encode the zero padding, as in SALMONN) and lengths [B] = ceil(samples / 320).
         """
         mel = self.log_mel(waveforms, lengths)
-        param = next(self.backbone.parameters())
+        param = self.backbone.conv1.weight  # both implementations start with conv1
         with torch.no_grad():
             mel = mel.to(device=param.device, dtype=param.dtype)
             if self.kind == "openai":
@@ -339,4 +384,3 @@ class WhisperEncoder(AudioEncoder):
             f"kind={self.kind}, n_mels={self.n_mels}, n_ctx={self.n_ctx}, d_model={self.output_dim}, "
             f"max_samples={self.max_samples}"
         )
-

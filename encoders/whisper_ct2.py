@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,9 @@ def read_ct2_model_bin(path: Path) -> CT2ModelFile:
         storage = "uint16" if dtype == "bfloat16" else dtype
         count = int(np.prod(shape, dtype=np.int64))
         if num_bytes != count * np.dtype(storage).itemsize:
-            raise CheckpointError(f"{path}: variable {name!r} {shape} {dtype} has a payload of {num_bytes} bytes")
+            raise CheckpointError(
+                f"{path}: variable {name!r} {shape} {dtype} has a payload of {num_bytes} bytes"
+            )
         array = np.frombuffer(reader.take(num_bytes), dtype=storage).reshape(shape).copy()
         if dtype == "bfloat16":  # bf16 is the top half of a float32
             array = (array.astype(np.uint32) << 16).view(np.float32)
@@ -153,7 +156,9 @@ def read_ct2_model_bin(path: Path) -> CT2ModelFile:
             alias = reader.string()
             aliases[alias] = reader.string()
     if reader.offset != len(reader.data):
-        raise CheckpointError(f"{path}: {len(reader.data) - reader.offset} unexpected bytes after the last alias")
+        raise CheckpointError(
+            f"{path}: {len(reader.data) - reader.offset} unexpected bytes after the last alias"
+        )
     return CT2ModelFile(version, spec_name, revision, variables, aliases)
 
 
@@ -200,14 +205,20 @@ class _Variables:
             scale = self.raw[scale_name].astype(np.float32)
             if value.dtype == np.int8:  # one scale per output row (conv weights: per output channel)
                 if scale.shape != (value.shape[0],):
-                    raise CheckpointError(f"{self.source}: {scale_name!r} has shape {scale.shape}, expected ({value.shape[0]},)")
+                    raise CheckpointError(
+                        f"{self.source}: {scale_name!r} has shape {scale.shape}, expected ({value.shape[0]},)"
+                    )
                 scale = scale.reshape((-1,) + (1,) * (value.ndim - 1))
             elif scale.ndim != 0:  # int16: one scale for the tensor
-                raise CheckpointError(f"{self.source}: {scale_name!r} has shape {scale.shape}, expected a scalar")
+                raise CheckpointError(
+                    f"{self.source}: {scale_name!r} has shape {scale.shape}, expected a scalar"
+                )
             array = value.astype(np.float32) / scale
         elif value.dtype in (np.float16, np.float32):
             if scale_name in self.raw:
-                raise CheckpointError(f"{self.source}: float variable {name!r} unexpectedly has {scale_name!r}")
+                raise CheckpointError(
+                    f"{self.source}: float variable {name!r} unexpectedly has {scale_name!r}"
+                )
             array = value.astype(np.float32)
         else:
             raise CheckpointError(f"{self.source}: variable {name!r} has unsupported dtype {value.dtype}")
@@ -279,7 +290,9 @@ def _map_whisper(v: _Variables) -> tuple[dict[str, int], dict[str, torch.Tensor]
             continue
         value = v.scalar(name)
         if accepted is not None and value not in accepted:
-            raise CheckpointError(f"{source}: {name} = {value} is not supported by openai-whisper (expected {accepted})")
+            raise CheckpointError(
+                f"{source}: {name} = {value} is not supported by openai-whisper (expected {accepted})"
+            )
 
     # Encoder.
     n_audio_layer = count_layers("encoder")
@@ -353,8 +366,12 @@ def _check_against_openai_whisper(dims: dict[str, int], sd: dict[str, torch.Tens
     d = dims
     # Encoder and decoder separately: Whisper() itself calls to_sparse, which the meta device lacks.
     with torch.device("meta"):
-        encoder = AudioEncoder(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"])
-        decoder = TextDecoder(d["n_vocab"], d["n_text_ctx"], d["n_text_state"], d["n_text_head"], d["n_text_layer"])
+        encoder = AudioEncoder(
+            d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"]
+        )
+        decoder = TextDecoder(
+            d["n_vocab"], d["n_text_ctx"], d["n_text_state"], d["n_text_head"], d["n_text_layer"]
+        )
     expected = {f"encoder.{k}": tuple(t.shape) for k, t in encoder.state_dict().items()}
     expected |= {f"decoder.{k}": tuple(t.shape) for k, t in decoder.state_dict().items()}
     got = {k: tuple(t.shape) for k, t in sd.items()}
@@ -451,7 +468,9 @@ def convert_ctranslate2_whisper(
 
     vocab_size = _vocabulary_size(src_dir)
     if vocab_size is not None and vocab_size != dims["n_vocab"]:
-        raise CheckpointError(f"{src_dir}: vocabulary has {vocab_size} tokens but the embedding has {dims['n_vocab']}")
+        raise CheckpointError(
+            f"{src_dir}: vocabulary has {vocab_size} tokens but the embedding has {dims['n_vocab']}"
+        )
 
     if dtype is None:
         dtype = torch.float16 if variables.float16_only else torch.float32
