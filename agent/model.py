@@ -156,8 +156,9 @@ def load_tokenizer(ref: str, gguf_file: str | None = None):
 class GenerationSettings:
     """Decoding settings. The defaults are SALMONN's reference decoding (beam 4, no sampling).
 
-    ``min_new_tokens=1`` matches the official ``min_length=1`` with ``inputs_embeds``:
-    the end token cannot be the first token.
+    SALMONN passes ``min_length=1``, but under transformers 4.28 its ``generate`` counts a
+    leading BOS id in that length, so the end token may come first; ``min_new_tokens=0``
+    reproduces that.
     """
 
     max_new_tokens: int = 200
@@ -167,7 +168,7 @@ class GenerationSettings:
     top_p: float = 0.9
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
-    min_new_tokens: int = 1
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -182,6 +183,28 @@ class GenerationSettings:
     @classmethod
     def greedy(cls, **overrides) -> GenerationSettings:
         return replace(cls(num_beams=1), **overrides)
+
+
+@dataclass
+class WindowFeatures:
+    """Frozen-encoder features of one audio window, as the adapter reads them.
+
+    Attributes:
+        features: one [T_e, D_e] tensor per encoder (in ``config.encoders`` order), cut to
+            the frames the adapter reads.
+        frame_length: valid fused frames (``trim_to_audio``), or None when every Q-Former
+            window is kept.
+        num_tokens: audio tokens the window gives the LLM.
+    """
+
+    features: list[torch.Tensor]
+    frame_length: int | None
+    num_tokens: int
+
+    @property
+    def signature(self) -> tuple:
+        """Windows with equal signatures can be stacked into one adapter batch without padding."""
+        return (tuple(tuple(f.shape) for f in self.features), self.frame_length is None)
 
 
 class _CallbackStreamer:
@@ -290,13 +313,24 @@ class OmnivoxModel(nn.Module):
         """Audio tokens of one 16 kHz mono clip of any length: [N, H] (N grows with the windows).
 
         Windows are encoded ``windows_per_batch`` at a time, so encoder memory does not grow
-        with the length of the audio.
+        with the length of the audio. Same as ``audio_tokens(encode_clip_features(samples))``.
+        """
+        return self.audio_tokens(self.encode_clip_features(samples))
+
+    @torch.no_grad()
+    def encode_clip_features(self, samples: np.ndarray | torch.Tensor) -> list[WindowFeatures]:
+        """The frozen encoders' features of every window of a clip, before the adapter.
+
+        Each window keeps only the frames the adapter reads: with ``trim_to_audio`` the frames
+        of the Q-Former windows that cover the audio, otherwise all frames. Feeding the result
+        to :meth:`audio_tokens` gives exactly :meth:`encode_clip`; a training feature cache
+        stores these.
         """
         clip = self._prepare_clip(samples)
         bounds = self._window_bounds(clip.numel())
         window = round(self.config.audio.window_seconds * SAMPLE_RATE)
         step = self.config.audio.windows_per_batch
-        pieces: list[torch.Tensor] = []
+        result: list[WindowFeatures] = []
         for first in range(0, len(bounds), step):
             group = bounds[first : first + step]
             lengths = torch.tensor([end - start for start, end in group])
@@ -304,37 +338,72 @@ class OmnivoxModel(nn.Module):
             waves = torch.zeros(len(group), width)  # [W, S]
             for i, (start, end) in enumerate(group):
                 waves[i, : end - start] = clip[start:end]
-            tokens = self._encode_windows(waves, lengths)  # [W, n, H]
-            for i, (start, end) in enumerate(group):
-                pieces.append(tokens[i, : self._tokens_kept(end - start, tokens.shape[1])])
-        return torch.cat(pieces, dim=0)
+            result += self._encode_window_features(waves, lengths)
+        return result
 
-    def _encode_windows(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """[W, S] windows -> [W, n, H] audio tokens.
+    def _encode_window_features(self, waves: torch.Tensor, lengths: torch.Tensor) -> list[WindowFeatures]:
+        """[W, S] windows -> W ``WindowFeatures``.
 
         Windows of different lengths go through the encoders separately so that no item
         is ever padded by another: a batch gives the same numbers as single items.
         """
         device, dtype = self.device, next(self.adapter.parameters()).dtype
-        out = []
+        qformer = self.config.qformer
+        out: list[WindowFeatures | None] = [None] * len(lengths)
         for length in lengths.unique(sorted=False).tolist():
             idx = (lengths == length).nonzero().reshape(-1)
             w = waves[idx, :length].to(device)
             lens = lengths[idx].to(device)
             feats = [enc(w.to(next(enc.parameters()).dtype), lens).features.to(dtype) for enc in self.encoders]
-            frames = None
-            if self.config.audio.trim_to_audio:  # compute only the Q-Former windows that cover audio
-                fused = max(f.shape[1] for f in feats)
-                frames = torch.clamp(torch.ceil(lens * self.config.qformer.frame_rate / SAMPLE_RATE).long(), 1, fused)
-            out.append((idx, self.adapter(feats, frame_lengths=frames)))
-        n = out[0][1].shape[1]
-        if any(t.shape[1] != n for _, t in out):
-            # Only with trim-free geometries that depend on length; pad per window.
-            n = max(t.shape[1] for _, t in out)
-        result = torch.zeros(len(lengths), n, out[0][1].shape[-1], dtype=out[0][1].dtype, device=device)
-        for idx, tokens in out:
-            result[idx.to(device), : tokens.shape[1]] = tokens
-        return result
+            fused = max(f.shape[1] for f in feats)
+            if not self.config.audio.trim_to_audio:
+                tokens = self.adapter.num_tokens(fused)
+                for j, i in enumerate(idx.tolist()):
+                    out[i] = WindowFeatures([f[j] for f in feats], None, tokens)
+                continue
+            # only the Q-Former windows that cover audio are computed: keep the frames they read
+            frames = min(max(math.ceil(length * qformer.frame_rate / SAMPLE_RATE), 1), fused)
+            covering = self.adapter.num_windows_covering(frames, fused)
+            needed = min(fused, max(frames, (covering - 1) * qformer.stride_frames + qformer.kernel_frames))
+            tokens = self._tokens_kept(length, self.adapter.num_tokens(fused))
+            for j, i in enumerate(idx.tolist()):
+                out[i] = WindowFeatures([f[j, :needed] for f in feats], frames, tokens)
+        assert all(w is not None for w in out)
+        return out  # type: ignore[return-value]
+
+    def audio_tokens(self, windows: Sequence[WindowFeatures]) -> torch.Tensor:
+        """Adapter on encoder features: the audio tokens of all ``windows`` in order, [N, H].
+
+        Windows whose features have the same shapes go through the adapter together,
+        ``windows_per_batch`` at a time; nothing is padded by another window. Gradients flow
+        into the adapter when it trains (this method is not under ``no_grad``).
+        """
+        if not windows:
+            raise ValueError("audio_tokens needs at least one window")
+        device, dtype = self.device, next(self.adapter.parameters()).dtype
+        step = self.config.audio.windows_per_batch
+        groups: dict[tuple, list[int]] = {}
+        for i, w in enumerate(windows):
+            groups.setdefault(w.signature, []).append(i)
+        pieces: list[torch.Tensor | None] = [None] * len(windows)
+        for members in groups.values():
+            for first in range(0, len(members), step):
+                chunk = members[first : first + step]
+                feats = [
+                    torch.stack([windows[i].features[e] for i in chunk]).to(device=device, dtype=dtype)  # [G, T_e, D_e]
+                    for e in range(len(windows[chunk[0]].features))
+                ]
+                lengths = None
+                if windows[chunk[0]].frame_length is not None:
+                    lengths = torch.tensor([windows[i].frame_length for i in chunk], device=device)
+                tokens = self.adapter(feats, frame_lengths=lengths)  # [G, n, H]
+                for j, i in enumerate(chunk):
+                    if windows[i].num_tokens > tokens.shape[1]:
+                        raise ValueError(
+                            f"window {i} should give {windows[i].num_tokens} audio tokens, the adapter made {tokens.shape[1]}"
+                        )
+                    pieces[i] = tokens[j, : windows[i].num_tokens]
+        return torch.cat(pieces, dim=0)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def encode_audio(self, waveform: np.ndarray | torch.Tensor, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
@@ -383,20 +452,16 @@ class OmnivoxModel(nn.Module):
         return self.processor.left_pad(seqs)
 
     @torch.no_grad()
-    def generate(
+    def generate_ids(
         self,
         conversations: Sequence[list[Message]],
         audio: Sequence[Sequence[torch.Tensor]],
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
-    ) -> list[str]:
-        """Answers for a batch of conversations whose audio is already encoded.
+    ) -> list[list[int]]:
+        """New token ids per item (up to and including the first stop token, if one was produced).
 
-        Args:
-            conversations: one message list per item, each ending with a user turn.
-            audio: per item, the [N_i, H] tokens of its clips (see :meth:`encode_clip`).
-            settings: decoding; default SALMONN's beam 4.
-            on_text: called with each new piece of text (batch of one, no beam search).
+        Args: as :meth:`generate`.
         """
         settings = settings or GenerationSettings()
         batch = self.build_inputs(conversations, audio)
@@ -426,7 +491,29 @@ class OmnivoxModel(nn.Module):
         out = self.llm.generate(**kwargs)  # [B, new]
         if streamer is not None:
             streamer.end()
-        return [self.decode(row.tolist()) for row in out]
+        results = []
+        for row in out.tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+            results.append(row[:end])
+        return results
+
+    @torch.no_grad()
+    def generate(
+        self,
+        conversations: Sequence[list[Message]],
+        audio: Sequence[Sequence[torch.Tensor]],
+        settings: GenerationSettings | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Answers for a batch of conversations whose audio is already encoded.
+
+        Args:
+            conversations: one message list per item, each ending with a user turn.
+            audio: per item, the [N_i, H] tokens of its clips (see :meth:`encode_clip`).
+            settings: decoding; default SALMONN's beam 4.
+            on_text: called with each new piece of text (batch of one, no beam search).
+        """
+        return [self.decode(ids) for ids in self.generate_ids(conversations, audio, settings, on_text)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, cut at the first stop token."""
