@@ -289,14 +289,15 @@ class AudioAdapter(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def fuse(self, features: Sequence[Tensor]) -> Tensor:
+    def fuse(self, features: Sequence[Tensor], min_frames: int = 0) -> Tensor:
         """Normalise each encoder's features, zero-pad in time to the longest, concat on channels.
 
         Args:
             features: one tensor per encoder, ``[B, T_i, D_i]`` with ``D_i == encoder_dims[i]``.
+            min_frames: zero-pad (after the norms) to at least this many frames.
 
         Returns:
-            ``[B, max_i T_i, sum(encoder_dims)]``.
+            ``[B, max(max_i T_i, min_frames), sum(encoder_dims)]``.
         """
         dims = self.config.encoder_dims
         shapes = [tuple(f.shape) for f in features]
@@ -306,14 +307,16 @@ class AudioAdapter(nn.Module):
             raise ValueError(f"features must be [B, T_i, D_i] with D_i = {dims}; got shapes {shapes}")
         if len({s[0] for s in shapes}) != 1:
             raise ValueError(f"features disagree on batch size: shapes {shapes}")
-        num_frames = max(s[1] for s in shapes)
+        num_frames = max(max(s[1] for s in shapes), min_frames)
         normed = []
         for norm, f in zip(self.input_norms, features, strict=True):
             f = norm(f)  # [B, T_i, D_i]; the norm comes before padding, so pad frames stay exactly 0
             normed.append(F.pad(f, (0, 0, 0, num_frames - f.shape[1])))  # [B, T, D_i]
         return torch.cat(normed, dim=-1)  # [B, T, sum(D_i)]
 
-    def forward(self, features: Sequence[Tensor], frame_lengths: Tensor | None = None) -> Tensor:
+    def forward(
+        self, features: Sequence[Tensor], frame_lengths: Tensor | None = None, min_frames: int = 0
+    ) -> Tensor:
         """Encoder features -> LLM input vectors.
 
         Args:
@@ -324,11 +327,13 @@ class AudioAdapter(nn.Module):
                 (``num_windows_covering``) are computed; the output has
                 ``max_b num_windows_covering(frame_lengths[b]) * Q`` tokens and item ``b``'s tokens
                 past its own count are zero. Covered windows are bit-for-bit what ``None`` gives.
+            min_frames: zero-pad the fused frames to at least this many (see :meth:`fuse`), e.g. so
+                that a window only partly covered by an encoder's frames is still computed.
 
         Returns:
             ``[B, W * Q, llm_hidden_size]``, windows in time order, the Q queries of a window adjacent.
         """
-        x = self.fuse(features)  # [B, T, C]
+        x = self.fuse(features, min_frames)  # [B, T, C]
         batch, num_frames, channels = x.shape
         kernel, stride, q = self.config.kernel_frames, self.config.stride_frames, self.config.queries_per_window
         num_windows = self.num_windows(num_frames)

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from omnivox.errors import OmnivoxError, UserInputError
@@ -147,7 +148,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_flags(p: argparse.ArgumentParser) -> None:
+def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="omnivox model folder (default: the bundled nano model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
@@ -156,13 +157,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-scale", type=float, default=1.0, help="multiply the LoRA update (lower it under 8-bit)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; ``command`` (the first argument) decides which heavy sub-parsers are built."""
     parser = argparse.ArgumentParser(prog="omnivox", description="LLM-centric audio agent")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="ask questions about audio (interactive without a prompt)")
-    _model_flags(chat)
+    model_flags(chat)
     chat.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable)")
     chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: beam search)")
     chat.add_argument("--num-beams", type=int, default=4)
@@ -186,8 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (not stored in the file; default 12 for hidden 768, required otherwise)")
     cs.set_defaults(func=cmd_convert_salmonn)
 
+    data = sub.add_parser("data", help="make training data (data synth: reproducible synthetic speech/sound)")
+    ev = sub.add_parser("eval", help="evaluate a model folder on a suite (asr, sound, qa, format, multiturn, fixtures, all)")
+    # These commands' arguments live in modules that import torch/scipy: build them only when used.
+    if command == "data":
+        from omnivox.datagen import build_synth_parser, run_synth
+
+        dsub = data.add_subparsers(dest="what", required=True)
+        synth = dsub.add_parser("synth", help="reproducible synthetic speech/sound data with task manifests")
+        build_synth_parser(synth)
+        synth.set_defaults(func=run_synth)
+    if command == "eval":
+        from omnivox.evaluation.cli import add_eval_arguments, run_eval
+
+        add_eval_arguments(ev)
+        ev.set_defaults(func=run_eval)
+
     bench = sub.add_parser("bench", help="measure encoding, time to first token, decode speed, memory")
-    _model_flags(bench)
+    model_flags(bench)
     bench.add_argument("--out", help="write the results as JSON here")
     bench.add_argument("--repeats", type=int, default=3)
     bench.set_defaults(func=cmd_bench)
@@ -196,9 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing; its own
+        # fallback is used, so the line only confuses users. Deprecation notices from libraries likewise.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         return args.func(args)
     except OmnivoxError as err:

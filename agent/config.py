@@ -14,7 +14,12 @@ from omnivox.adapters.qformer import QFormerConfig
 from omnivox.errors import CheckpointError
 
 FORMAT_VERSION = 1
-ENCODER_KINDS = ("whisper", "beats")
+# Encoder kinds and the loader options each accepts (see omnivox.agent.model.ENCODER_LOADERS).
+ENCODER_OPTIONS: dict[str, frozenset[str]] = {
+    "whisper": frozenset({"pad_to_window"}),
+    "beats": frozenset(),
+}
+ENCODER_KINDS = tuple(ENCODER_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -26,17 +31,25 @@ class EncoderRef:
         path: an official name / hub id, or a local path (relative paths are relative to
             the model folder).
         sha256: optional checksum of a local checkpoint file, checked on load.
+        options: loader options of this kind (``ENCODER_OPTIONS``), e.g. Whisper's
+            ``{"pad_to_window": false}``.
     """
 
     kind: Literal["whisper", "beats"]
     path: str
     sha256: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ENCODER_KINDS:
             raise CheckpointError(f"unknown encoder kind {self.kind!r}; known: {list(ENCODER_KINDS)}")
         if not self.path:
             raise CheckpointError(f"encoder {self.kind!r} needs a path or name")
+        unknown = sorted(set(self.options) - ENCODER_OPTIONS[self.kind])
+        if unknown:
+            raise CheckpointError(
+                f"unknown options {unknown} for a {self.kind} encoder; known: {sorted(ENCODER_OPTIONS[self.kind])}"
+            )
 
 
 @dataclass(frozen=True)

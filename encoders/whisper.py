@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
 from omnivox.errors import CheckpointError
@@ -126,6 +127,7 @@ class WhisperEncoder(AudioEncoder):
         self.frame_rate = SAMPLE_RATE / SAMPLES_PER_FRAME  # 50.0
         self.max_samples = n_ctx * SAMPLES_PER_FRAME  # 480000 (30 s) for real models
         self.mel = WhisperLogMel(n_mels)
+        self.pad_to_window = True
         self.requires_grad_(False)
         self.eval()
 
@@ -137,6 +139,7 @@ class WhisperEncoder(AudioEncoder):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         download_root: str | Path | None = None,
+        pad_to_window: bool = True,
     ) -> WhisperEncoder:
         """Load the encoder of a Whisper checkpoint (the decoder is never kept).
 
@@ -151,6 +154,10 @@ class WhisperEncoder(AudioEncoder):
             device: where the weights live.
             dtype: weight dtype (the log-mel is always computed in float32, then cast).
             download_root: download folder for official openai-whisper names.
+            pad_to_window: pad every input to the full 30 s window, as Whisper was trained and as
+                SALMONN does (default). ``False`` encodes only the audio (plus padding to the
+                longest item of a batch) with the first T positional embeddings: a 5 s clip
+                costs ~1/6 of the compute. Models must be trained with the setting they use.
 
         Raises:
             CheckpointError: the file/folder is missing or malformed, or the weights cannot be downloaded.
@@ -182,6 +189,7 @@ class WhisperEncoder(AudioEncoder):
                 f"Whisper folder, a hub id like 'openai/whisper-large-v2', or one of {whisper.available_models()}"
             )
         encoder.to(device=device, dtype=dtype)  # see _apply: some parts stay float32
+        encoder.pad_to_window = bool(pad_to_window)
         logger.info(
             "Whisper encoder from %s (%s): n_mels %d, %d frames, d_model %d, %.1f M params",
             name,
@@ -313,8 +321,11 @@ class WhisperEncoder(AudioEncoder):
         return super().train(False)
 
     def num_frames(self, num_samples: int) -> int:
-        """Output frames for any input length: always ``n_ctx`` (every item is padded to the full window)."""
-        return self.n_ctx
+        """Output frames for an input of ``num_samples``: ``n_ctx`` when padding to the window, else
+        ``ceil(samples / 320)``."""
+        if self.pad_to_window:
+            return self.n_ctx
+        return int(self.frame_lengths(torch.tensor([num_samples]))[0])
 
     def frame_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Valid output frames per item: ``ceil(samples / 320)``, at most ``n_ctx``.
@@ -341,14 +352,16 @@ class WhisperEncoder(AudioEncoder):
         self.check_input(waveforms, lengths)
         batch, size = waveforms.shape
         window = self.max_samples
+        if not self.pad_to_window:  # only as many frames as the longest item needs
+            window = int(self.frame_lengths(lengths).max()) * SAMPLES_PER_FRAME
         padded = waveforms.new_zeros(batch, window, dtype=torch.float32)
         keep = min(size, window)
         padded[:, :keep] = waveforms[:, :keep].float()
         # Zero whatever lies beyond each item's length, so batched == one by one.
         positions = torch.arange(window, device=waveforms.device)  # [W]
         padded = padded * (positions[None, :] < lengths.to(waveforms.device)[:, None])  # [B, W]
-        mel = self.mel(padded)  # [B, n_mels, 2 * n_ctx]
-        expected = (batch, self.n_mels, 2 * self.n_ctx)
+        mel = self.mel(padded)  # [B, n_mels, 2 * T]
+        expected = (batch, self.n_mels, 2 * window // SAMPLES_PER_FRAME)
         assert mel.shape == expected, f"log-mel shape {tuple(mel.shape)} != {expected}"
         return mel
 
@@ -367,11 +380,14 @@ class WhisperEncoder(AudioEncoder):
         param = self.backbone.conv1.weight  # both implementations start with conv1
         with torch.no_grad():
             mel = mel.to(device=param.device, dtype=param.dtype)
-            if self.kind == "openai":
+            if not self.pad_to_window:
+                features = self._encode_unpadded(mel)  # [B, T, D]
+            elif self.kind == "openai":
                 features = self.backbone(mel)  # [B, n_ctx, D]
             else:
                 features = self.backbone(input_features=mel).last_hidden_state  # [B, n_ctx, D]
-        expected = (waveforms.shape[0], self.n_ctx, self.output_dim)
+        frames = self.n_ctx if self.pad_to_window else mel.shape[-1] // 2
+        expected = (waveforms.shape[0], frames, self.output_dim)
         if tuple(features.shape) != expected:
             raise CheckpointError(
                 f"Whisper backbone returned features of shape {tuple(features.shape)}, expected {expected}: "
@@ -379,8 +395,35 @@ class WhisperEncoder(AudioEncoder):
             )
         return EncoderOutput(features=features, lengths=self.frame_lengths(lengths).to(features.device))
 
+    def _encode_unpadded(self, mel: torch.Tensor) -> torch.Tensor:
+        """The encoder on fewer than ``2 * n_ctx`` mel frames, with the first T positional embeddings.
+
+        Neither openai-whisper nor transformers accepts a shorter input (both check for exactly
+        3000 frames), so the same layers are run here in the same order.
+
+        Args:
+            mel: [B, n_mels, 2T] log-mel.
+
+        Returns:
+            [B, T, D] features after the final LayerNorm.
+        """
+        b = self.backbone
+        x = F.gelu(b.conv1(mel))  # [B, D, 2T]
+        x = F.gelu(b.conv2(x)).permute(0, 2, 1)  # [B, T, D]
+        frames = x.shape[1]
+        if self.kind == "openai":
+            x = x + b.positional_embedding[:frames].to(x.dtype)
+            for block in b.blocks:
+                x = block(x)
+            return b.ln_post(x)
+        x = x + b.embed_positions.weight[:frames].to(x.dtype)
+        for layer in b.layers:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+        return b.layer_norm(x)
+
     def extra_repr(self) -> str:
         return (
             f"kind={self.kind}, n_mels={self.n_mels}, n_ctx={self.n_ctx}, d_model={self.output_dim}, "
-            f"max_samples={self.max_samples}"
+            f"max_samples={self.max_samples}, pad_to_window={self.pad_to_window}"
         )

@@ -312,3 +312,27 @@ def test_log_mel_on_real_speech(speech_fixtures: dict[Path, str]) -> None:
         torch.testing.assert_close(mel(padded), reference, atol=1e-5, rtol=0)
         checked += 1
     assert checked >= 1, "no 16 kHz clip among the speech fixtures"
+
+
+@pytest.mark.parametrize("kind", ["openai", "hf"])
+def test_unpadded_mode_equals_padded_on_a_full_window(tiny_checkpoints: dict[str, Path], kind: str) -> None:
+    padded = WhisperEncoder.from_pretrained(tiny_checkpoints[kind])
+    unpadded = WhisperEncoder.from_pretrained(tiny_checkpoints[kind], pad_to_window=False)
+    wave = speech_like(padded.max_samples, seed=4)[None]
+    lengths = torch.tensor([padded.max_samples])
+    torch.testing.assert_close(unpadded(wave, lengths).features, padded(wave, lengths).features, rtol=1e-5, atol=1e-5)
+
+
+def test_unpadded_mode_encodes_only_the_audio(tiny_checkpoints: dict[str, Path]) -> None:
+    openai = WhisperEncoder.from_pretrained(tiny_checkpoints["openai"], pad_to_window=False)
+    hf = WhisperEncoder.from_pretrained(tiny_checkpoints["hf"], pad_to_window=False)
+    assert openai.max_samples >= 9600
+    wave = torch.stack([speech_like(9600, seed=5), torch.nn.functional.pad(speech_like(3200, seed=6), (0, 6400))])
+    lengths = torch.tensor([9600, 3200])
+    out = openai(wave, lengths)
+    assert out.features.shape == (2, 30, openai.output_dim)  # 0.6 s at 50 Hz, not the whole window
+    assert out.lengths.tolist() == [30, 10] and openai.num_frames(9600) == 30
+    torch.testing.assert_close(hf(wave, lengths).features, out.features, rtol=1e-5, atol=1e-5)
+    # an item padded inside a batch equals the same item encoded alone with the batch's frame count
+    alone = openai(wave[1:], torch.tensor([9600]))
+    torch.testing.assert_close(out.features[1:], alone.features, rtol=1e-5, atol=1e-5)

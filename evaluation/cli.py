@@ -1,0 +1,77 @@
+"""``omnivox eval``: the entry point. Thin: it reads flags, loads the model and calls the library.
+
+Wire it into ``omnivox.agent.cli`` with::
+
+    ev = sub.add_parser("eval", help="evaluate a model folder on a suite")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=run_eval)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from omnivox.evaluation.data import SPLITS
+from omnivox.evaluation.tasks import SUITES
+
+log = logging.getLogger(__name__)
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The eval flags, plus the shared model flags (--model, --device, --dtype, --load-in-8bit/4bit, --lora-scale)."""
+    from omnivox.agent.cli import model_flags
+
+    model_flags(parser)
+    suites = "; ".join(f"{name}: {text}" for name, text in SUITES.items())
+    parser.add_argument("--suite", required=True, choices=list(SUITES), help=f"what to evaluate ({suites})")
+    parser.add_argument("--data", help="folder with train/validation/test.jsonl manifests (all suites but fixtures)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="manifest split (default test)")
+    parser.add_argument("--out", help="output folder (default <model>/eval/<suite>)")
+    parser.add_argument("--limit", type=int, default=None, help="at most N items per task")
+    parser.add_argument("--batch-size", type=int, default=8, help="items generated together (default 8)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``omnivox eval``; returns the exit status. User errors raise ``UserInputError`` (the CLI prints them)."""
+    from omnivox.agent.cli import default_model_dir, load_model_for_cli
+    from omnivox.agent.model import GenerationSettings
+    from omnivox.evaluation.report import print_table, write_results
+    from omnivox.evaluation.runner import run_selection, select, validate
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
+    selection = select(
+        args.suite,
+        Path(args.data) if args.data else None,
+        args.split,
+        args.limit,
+        Path(args.fixtures) if args.fixtures else None,
+    )
+    if not selection.items:
+        for note in selection.notes:
+            print(f"omnivox eval: {note}", file=sys.stderr)
+        return 0
+    validate(selection)  # before loading a big model
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    model = load_model_for_cli(args)
+    results = run_selection(
+        model,
+        selection,
+        batch_size=args.batch_size,
+        settings=settings,
+        model_name=str(model_dir),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out) if args.out else model_dir / "eval" / args.suite
+    files = write_results(results, out)
+    print_table(results)
+    print(f"results written to {files['results.json'].parent}", file=sys.stderr)
+    return 0
