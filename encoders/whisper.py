@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
 from omnivox.errors import CheckpointError

@@ -132,7 +132,15 @@ class ChatMLStyle(PromptStyle):
         return segments
 
 
-PROMPT_STYLES: dict[str, PromptStyle] = {style.name: style for style in (SalmonnStyle(), ChatMLStyle())}
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    style.name: style
+    for style in (
+        SalmonnStyle(),
+        ChatMLStyle(),
+        # ChatML without the default system turn: ~17 fewer tokens per prompt, for small CPU models
+        ChatMLStyle(name="chatml-bare", default_system=""),
+    )
+}
 
 
 def get_prompt_style(name: str) -> PromptStyle:

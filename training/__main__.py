@@ -1,0 +1,5 @@
+import sys
+
+from omnivox.training.cli import main
+
+sys.exit(main())

