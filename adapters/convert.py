@@ -6,7 +6,6 @@ when they are local. Only the trained parts are written (adapter, LoRA, tokenize
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 
 from omnivox.adapters.salmonn import load_salmonn_checkpoint
 from omnivox.agent.config import AudioSettings, EncoderRef, LoraSettings, OmnivoxConfig
+from omnivox.encoders.base import sha256_file
 from omnivox.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,6 @@ log = logging.getLogger(__name__)
 def _local_or_ref(ref: str) -> str:
     path = Path(ref).expanduser()
     return str(path.resolve()) if path.exists() else ref
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _whisper_width(ref: str) -> int | None:

@@ -11,7 +11,9 @@ audio (``max_samples``); long audio is split by the caller (``omnivox.agent.mode
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,3 +76,12 @@ class AudioEncoder(nn.Module):
                 f"{type(self).__name__} takes at most {self.max_samples} samples "
                 f"({self.max_samples / SAMPLE_RATE:.1f} s) per item, got {longest}; split long audio into windows first"
             )
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a (checkpoint) file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -43,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
+from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput, sha256_file
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -915,14 +914,6 @@ def build_beats(config: BeatsConfig | None = None, *, seed: int | None = None) -
 # --------------------------------------------------------------------------------------------
 # Checkpoints (the official file format)
 # --------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _list(items: list[str], limit: int = 12) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -977,7 +968,7 @@ def load_beats_checkpoint(
     if not path.is_file():
         raise CheckpointError(f"BEATs checkpoint not found: {path} is not a file")
     if expected_sha256 is not None:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected_sha256.strip().lower():
             raise CheckpointError(f"{path}: sha256 mismatch: expected {expected_sha256}, got {actual}")
     try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared test helpers: tiny.py, whisper_names.py
 FIXTURES = Path(os.environ.get("OMNIVOX_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 SPEECH = FIXTURES / "speech"
 

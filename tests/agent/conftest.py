@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tiny  # noqa: E402
+import tiny
 
 
 @pytest.fixture(scope="session")

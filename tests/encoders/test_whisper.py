@@ -12,6 +12,7 @@ import torch
 import whisper
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 from whisper.model import ModelDimensions
+from whisper_names import hf_to_openai_state_dict
 
 from omnivox.encoders.base import EncoderOutput
 from omnivox.encoders.whisper import WhisperEncoder, WhisperLogMel
@@ -19,41 +20,6 @@ from omnivox.errors import CheckpointError
 
 N_CTX = 50  # tiny window: 50 frames = 100 mel frames = 16000 samples (1 s)
 D_MODEL = 32
-
-# Hugging Face -> openai-whisper state-dict names, applied in order to each key.
-HF_TO_OPENAI_RULES: list[tuple[str, str]] = [
-    ("model.", ""),
-    (".layers.", ".blocks."),
-    ("self_attn_layer_norm", "attn_ln"),
-    ("encoder_attn_layer_norm", "cross_attn_ln"),
-    ("final_layer_norm", "mlp_ln"),
-    (".self_attn.", ".attn."),
-    (".encoder_attn.", ".cross_attn."),
-    ("q_proj", "query"),
-    ("k_proj", "key"),
-    ("v_proj", "value"),
-    ("out_proj", "out"),
-    ("fc1", "mlp.0"),
-    ("fc2", "mlp.2"),
-    ("encoder.layer_norm", "encoder.ln_post"),
-    ("decoder.layer_norm", "decoder.ln"),
-    ("encoder.embed_positions.weight", "encoder.positional_embedding"),
-    ("decoder.embed_positions.weight", "decoder.positional_embedding"),
-    ("decoder.embed_tokens", "decoder.token_embedding"),
-]
-
-
-def hf_to_openai_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a ``WhisperForConditionalGeneration`` state dict to openai-whisper's names (proj_out is tied)."""
-    out = {}
-    for key, value in hf_state.items():
-        if key.startswith("proj_out."):
-            continue
-        for old, new in HF_TO_OPENAI_RULES:
-            key = key.replace(old, new, 1) if old == "model." else key.replace(old, new)
-        out[key] = value.clone()
-    return out
-
 
 def tiny_hf_whisper(n_mels: int = 80, seed: int = 0) -> WhisperForConditionalGeneration:
     """A 2-layer d_model 32 Whisper with every weight random (biases and LayerNorms too)."""

@@ -13,6 +13,7 @@ import pytest
 import torch
 import whisper
 from transformers import PreTrainedTokenizerFast, WhisperConfig, WhisperForConditionalGeneration
+from whisper_names import hf_to_openai_state_dict
 
 from omnivox.encoders.whisper import WhisperEncoder
 from omnivox.encoders.whisper_ct2 import (
@@ -30,41 +31,6 @@ VOCAB = 64
 D_MODEL = 32
 N_CTX = 50
 MAX_WER = 0.10
-
-# Hugging Face -> openai-whisper state-dict names, applied in order to each key.
-HF_TO_OPENAI_RULES: list[tuple[str, str]] = [
-    (".layers.", ".blocks."),
-    ("self_attn_layer_norm", "attn_ln"),
-    ("encoder_attn_layer_norm", "cross_attn_ln"),
-    ("final_layer_norm", "mlp_ln"),
-    (".self_attn.", ".attn."),
-    (".encoder_attn.", ".cross_attn."),
-    ("q_proj", "query"),
-    ("k_proj", "key"),
-    ("v_proj", "value"),
-    ("out_proj", "out"),
-    ("fc1", "mlp.0"),
-    ("fc2", "mlp.2"),
-    ("encoder.layer_norm", "encoder.ln_post"),
-    ("decoder.layer_norm", "decoder.ln"),
-    ("encoder.embed_positions.weight", "encoder.positional_embedding"),
-    ("decoder.embed_positions.weight", "decoder.positional_embedding"),
-    ("decoder.embed_tokens", "decoder.token_embedding"),
-]
-
-
-def hf_to_openai_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a ``WhisperForConditionalGeneration`` state dict to openai-whisper's names (proj_out is tied)."""
-    out = {}
-    for key, value in hf_state.items():
-        if key.startswith("proj_out."):
-            continue
-        key = key.removeprefix("model.")
-        for old, new in HF_TO_OPENAI_RULES:
-            key = key.replace(old, new)
-        out[key] = value.detach().clone()
-    return out
-
 
 def fused_with(name: str) -> list[str]:
     """openai-whisper names that CTranslate2 stores in one fused matrix together with ``name``."""
