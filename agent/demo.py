@@ -24,11 +24,14 @@ EXAMPLES = ROOT / "assets" / "examples"
 JFK = ROOT.parent / "shared" / "fixtures" / "speech" / "jfk.flac"
 
 
-def _examples() -> list[tuple[Path, list[str]]]:
+def _examples() -> list[tuple[Path, list[str], dict]]:
+    """(clip, questions, what the clip holds) for each example."""
     questions = json.loads((EXAMPLES / "questions.json").read_text())
-    items = [(EXAMPLES / name, qs) for name, qs in questions.items()]
+    sources = json.loads((EXAMPLES / "sources.json").read_text())
+    items = [(EXAMPLES / name, qs, sources.get(name, {})) for name, qs in questions.items()]
     if JFK.is_file():
-        items.insert(0, (JFK, ["Transcribe the speech."]))
+        truth = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
+        items.insert(0, (JFK, ["Transcribe the speech."], {"instruction": "Transcribe the speech.", "answer": truth}))
     return items
 
 
@@ -36,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ask the bundled model about example clips.")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled nano)")
     args = parser.parse_args(argv)
+    import logging
+    import warnings
+
     from rich.console import Console
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see omnivox.agent.cli.main
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     console = Console()
     try:
@@ -46,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
             model = OmnivoxModel.from_pretrained(folder)
         console.print(f"[dim]loaded {folder} in {time.perf_counter() - start:.1f} s[/dim]")
         settings = GenerationSettings.greedy(max_new_tokens=64)
-        for path, questions in _examples():
+        for path, questions, source in _examples():
             clip = load_audio(path)
             console.rule(f"{path.name}  ({clip.duration:.1f} s)")
+            holds = ", ".join(f"{k}: {source[k]}" for k in ("voice", "sounds", "background") if source.get(k))
+            if holds:
+                console.print(f"[dim]{holds}[/dim]")
             tokens = model.encode_clip(clip.samples)
             for question in questions:
                 from omnivox.prompts import Message
 
                 answer = model.generate([[Message("user", question, num_audio=1)]], [[tokens]], settings)[0]
                 console.print(f"[bold]Q:[/bold] {question}\n[bold green]A:[/bold green] {answer}")
+                if question == source.get("instruction"):
+                    console.print(f"[dim]   reference: {source['answer']}[/dim]")
     except OmnivoxError as err:
         print(f"omnivox demo: error: {err}", file=sys.stderr)
         return 2
