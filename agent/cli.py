@@ -223,6 +223,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 
+def quiet_library_noise() -> None:
+    """Hide library chatter that only confuses users of the command line.
+
+    bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing
+    (its own fallback is used); libraries' deprecation notices likewise.
+    """
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -230,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        # bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing; its own
-        # fallback is used, so the line only confuses users. Deprecation notices from libraries likewise.
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        quiet_library_noise()
     try:
         return args.func(args)
     except OmnivoxError as err:

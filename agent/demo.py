@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from omnivox.agent.audio import load_audio
-from omnivox.agent.cli import default_model_dir
+from omnivox.agent.cli import default_model_dir, quiet_library_noise
 from omnivox.agent.model import GenerationSettings, OmnivoxModel
 from omnivox.errors import OmnivoxError
 
@@ -39,13 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ask the bundled model about example clips.")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled nano)")
     args = parser.parse_args(argv)
-    import logging
-    import warnings
-
     from rich.console import Console
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # see omnivox.agent.cli.main
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_library_noise()
 
     console = Console()
     try:
