@@ -33,7 +33,7 @@ from typing import Any, Literal
 from omnivox.agent.config import EncoderRef
 from omnivox.errors import CheckpointError, UserInputError
 
-Stage = Literal["align", "instruct"]
+Stage = Literal["ctc", "align", "instruct"]
 DType = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 QuantizationName = Literal["none", "8bit", "4bit"]
@@ -211,8 +211,13 @@ class TrainConfig:
 
     Attributes:
         model / data / optim: the sections above.
-        stage: "align" trains the adapter only (LLM frozen, no LoRA, first turn only);
+        stage: "ctc" trains the adapter only, with CTC against the LLM's embedding table on
+            the items that have a transcript (the LLM is never run; see ``training/ctc.py``);
+            "align" trains the adapter only (LLM frozen, no LoRA, first turn only);
             "instruct" trains adapter + LoRA, multi-turn included.
+        ctc_weight: weight of an auxiliary CTC loss (as stage "ctc") added to the language-model
+            loss of "align" / "instruct" (0: none). Each loss is a mean over its own target tokens.
+        ctc_negatives: random vocabulary ids scored by the CTC softmax besides the batch's targets.
         out_dir: checkpoints, metrics, plots and the final ``model/`` folder.
         seed: seeds weights init, data order and dropout.
         eval_every / save_every / log_every: in optimizer steps (0 disables eval / periodic saves).
@@ -231,6 +236,8 @@ class TrainConfig:
     model: ModelSection
     data: DataSection
     stage: Stage = "align"
+    ctc_weight: float = 0.0
+    ctc_negatives: int = 8192
     optim: OptimSection = field(default_factory=OptimSection)
     out_dir: str = "runs/omnivox"
     seed: int = 0
@@ -260,8 +267,12 @@ class TrainConfig:
             raise ConfigError("dtype fp16 needs a GPU; use fp32 or bf16 on CPU")
         if self.device == "cpu" and self.quantization != "none":
             raise ConfigError(f"quantization {self.quantization!r} is set up for GPUs here; use none on CPU")
-        if self.stage == "align" and self.model.lora and not self.model.init_from:
-            raise ConfigError("model.lora is set but stage 'align' trains no LoRA; remove it or use stage 'instruct'")
+        if self.stage in ("ctc", "align") and self.model.lora and not self.model.init_from:
+            raise ConfigError(f"model.lora is set but stage {self.stage!r} trains no LoRA; remove it or use stage 'instruct'")
+        if self.ctc_weight < 0:
+            raise ConfigError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.ctc_negatives < 0:
+            raise ConfigError(f"ctc_negatives must be >= 0, got {self.ctc_negatives}")
 
     @property
     def multi_turn(self) -> bool:

@@ -2,12 +2,15 @@
 
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` items on every rank.
 The loss is the summed token cross-entropy of the answer tokens (plus stop tokens) divided
-by the step's label tokens on that rank; DDP averages gradients over ranks.
+by the step's label tokens on that rank; DDP averages gradients over ranks. Stage ``ctc``
+replaces it by a CTC loss per transcript token (``training/ctc.py``); ``ctc_weight`` adds
+that loss to the other stages.
 
 Outputs in ``out_dir``::
 
     checkpoints/step-00000200/   trainable.safetensors, optimizer.pt (optimizer, scheduler,
                                  scaler, per-rank RNG states), state.json (step, data position)
+    checkpoints/.../ctc_head.safetensors   the CTC head, when the run has one
     metrics.jsonl                one JSON object per log / eval event
     curves.png                   loss, learning rate, throughput
     samples.jsonl                greedy answers on validation items at each evaluation
@@ -34,7 +37,7 @@ import shutil
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +51,7 @@ from omnivox.agent.audio import load_audio
 from omnivox.agent.model import GenerationSettings, OmnivoxModel, WindowFeatures
 from omnivox.agent.processor import OmnivoxProcessor, TokenizedPrompt
 from omnivox.errors import CheckpointError, UserInputError
+from omnivox.evaluation.metrics import word_edits
 from omnivox.prompts import Message
 from omnivox.training.build import (
     DTYPES,
@@ -59,6 +63,7 @@ from omnivox.training.build import (
     trainable_state,
 )
 from omnivox.training.config import TrainConfig
+from omnivox.training.ctc import CTC_HEAD_FILE, CTCHead, transcript_of
 from omnivox.training.data import (
     IGNORE_INDEX,
     BatchPlan,
@@ -143,6 +148,7 @@ class Batch:
 
     windows: list[list[WindowFeatures]]
     examples: list[Example]
+    ctc_targets: list[list[int]] = field(default_factory=list)
 
     @property
     def num_label_tokens(self) -> int:
@@ -150,27 +156,44 @@ class Batch:
         return sum(int((e.labels[1:] != IGNORE_INDEX).sum()) for e in self.examples)
 
     @property
+    def num_ctc_targets(self) -> int:
+        return sum(len(t) for t in self.ctc_targets)
+
+    @property
     def num_tokens(self) -> int:
+        if not self.examples:  # CTC only: the audio tokens are the sequence
+            return sum(w.num_tokens for ws in self.windows for w in ws)
         return sum(e.input_ids.numel() for e in self.examples)
 
 
 class TrainableParts(nn.Module):
-    """The adapter and the LLM as one module, so DDP sees every trainable parameter.
+    """The adapter, the LLM (and the CTC head) as one module, so DDP sees every trainable parameter.
 
-    ``forward`` returns the summed cross-entropy of a batch's label tokens.
+    ``forward`` returns the summed cross-entropy of a batch's label tokens (``"lm"``, absent
+    when ``run_lm`` is False) and the summed CTC loss (``"ctc"``, with a head).
     """
 
-    def __init__(self, model: OmnivoxModel) -> None:
+    def __init__(self, model: OmnivoxModel, ctc_head: CTCHead | None = None, run_lm: bool = True) -> None:
         super().__init__()
         self.adapter = model.adapter
         self.llm = model.llm
+        self.ctc_head = ctc_head
+        self.run_lm = run_lm
         self._owner = [model]  # not a submodule: DDP must not see the frozen encoders
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         model = self._owner[0]
         flat = [w for windows in batch.windows for w in windows]
         tokens = model.audio_tokens(flat)  # [sum N_i, H]
         per_item = tokens.split([sum(w.num_tokens for w in ws) for ws in batch.windows])
+        out: dict[str, torch.Tensor] = {}
+        if self.ctc_head is not None:
+            out["ctc"] = self.ctc_head.loss(per_item, batch.ctc_targets)[0]
+        if self.run_lm:
+            out["lm"] = self._lm_loss(batch, per_item)
+        return out
+
+    def _lm_loss(self, batch: Batch, per_item: Sequence[torch.Tensor]) -> torch.Tensor:
         embed = self.llm.get_input_embeddings()
         seqs = [
             OmnivoxProcessor.merge(TokenizedPrompt(ex.input_ids, ex.audio_mask), [audio], embed)  # [T_i, H]
@@ -234,14 +257,27 @@ class Trainer:
         data = config.data
         self.train_items = load_split(Path(data.dir), "train", data.tasks, data.max_items)
         self.val_items = load_split(Path(data.dir), "validation", data.tasks, data.eval_items)
+        if config.stage == "ctc":  # only clips with a transcript teach CTC
+            self.train_items = [i for i in self.train_items if transcript_of(i.metadata)]
+            spoken = [i for i in load_split(Path(data.dir), "validation", data.tasks) if transcript_of(i.metadata)]
+            self.val_items = spoken[: data.eval_items] if data.eval_items else spoken
         if not self.train_items:
-            raise UserInputError(f"{data.dir}/train.jsonl has no items (after the task filter {list(data.tasks)})")
+            why = " with a transcript (metadata.text), which stage ctc needs" if config.stage == "ctc" else ""
+            raise UserInputError(f"{data.dir}/train.jsonl has no items{why} (after the task filter {list(data.tasks)})")
         self.model = self._build_model()
         # dropout streams: independent of whether encoders / cache were built, different per rank
         self._seed(config.seed + self.dist.rank)
         self.processor = self.model.processor
-        self.parts = TrainableParts(self.model)
+        self.ctc_head: CTCHead | None = None
+        if config.stage == "ctc" or config.ctc_weight > 0:
+            self.ctc_head = CTCHead(self.model.llm.get_input_embeddings(), config.ctc_negatives).to(self.device)
+            start = Path(config.model.init_from or "") / CTC_HEAD_FILE
+            if config.model.init_from and start.is_file():
+                self.ctc_head.load_state_dict(load_file(start))
+        self.parts = TrainableParts(self.model, self.ctc_head, run_lm=config.stage != "ctc")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ctc_head is not None:
+            self.params += list(self.ctc_head.parameters())
         self.module: nn.Module = self.parts
         if self.dist.enabled:
             self.module = nn.parallel.DistributedDataParallel(
@@ -326,11 +362,27 @@ class Trainer:
 
     def make_batch(self, items: Sequence[ManifestItem]) -> Batch:
         windows = [self.features(i) for i in items]
-        examples = [
-            build_example(self.processor, item.messages(self.config.multi_turn), sum(w.num_tokens for w in ws))
-            for item, ws in zip(items, windows, strict=True)
-        ]
-        return Batch(windows, examples)
+        examples = []
+        if self.parts.run_lm:
+            examples = [
+                build_example(self.processor, item.messages(self.config.multi_turn), sum(w.num_tokens for w in ws))
+                for item, ws in zip(items, windows, strict=True)
+            ]
+        targets = []
+        if self.ctc_head is not None:
+            tokenizer = self.processor.tokenizer
+            for item in items:
+                text = transcript_of(item.metadata)
+                targets.append(tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+        return Batch(windows, examples, targets)
+
+    def _loss(self, sums: dict[str, torch.Tensor], lm_labels: int, ctc_labels: int) -> torch.Tensor:
+        """The step's objective from summed losses: each a mean over its own targets."""
+        total = sums["lm"] / max(lm_labels, 1) if "lm" in sums else 0.0
+        if "ctc" in sums:
+            weight = 1.0 if "lm" not in sums else self.config.ctc_weight
+            total = total + weight * sums["ctc"] / max(ctc_labels, 1)
+        return total
 
     def _next_batch_indices(self) -> list[int]:
         if self._epoch_batches is None:
@@ -348,19 +400,21 @@ class Trainer:
         """One optimizer step; returns loss, learning rate, grad norm and token counts (summed over ranks)."""
         optim = self.config.optim
         batches = [self.make_batch([self.train_items[i] for i in self._next_batch_indices()]) for _ in range(optim.grad_accum)]
-        labels = sum(b.num_label_tokens for b in batches)
+        labels = sum(b.num_label_tokens for b in batches) if self.parts.run_lm else 0
+        ctc_labels = sum(b.num_ctc_targets for b in batches)
         self.module.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
+        loss_sum, ctc_sum = 0.0, 0.0
         for k, batch in enumerate(batches):
             sync = k == len(batches) - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.module.no_sync()
             with ctx:
                 with self._autocast():
-                    loss = self.module(batch)
-                scaled = loss / max(labels, 1)
+                    sums = self.module(batch)
+                scaled = self._loss(sums, labels, ctc_labels)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += float(loss.detach())
+            loss_sum += float(sums["lm"].detach()) if "lm" in sums else 0.0
+            ctc_sum += float(sums["ctc"].detach()) if "ctc" in sums else 0.0
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = optim.max_grad_norm if optim.max_grad_norm > 0 else float("inf")
@@ -373,8 +427,17 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        loss_sum, labels_all, tokens = _all_sum([loss_sum, labels, sum(b.num_tokens for b in batches)], self.dist, self.device)
-        return {"loss": loss_sum / max(labels_all, 1), "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "labels": labels_all}
+        loss_sum, labels_all, ctc_sum, ctc_all, tokens = _all_sum(
+            [loss_sum, labels, ctc_sum, ctc_labels, sum(b.num_tokens for b in batches)], self.dist, self.device
+        )
+        stats = {"lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        if self.parts.run_lm:
+            stats.update(loss=loss_sum / max(labels_all, 1), labels=labels_all)
+        else:  # stage ctc: the CTC loss is the loss
+            stats.update(loss=ctc_sum / max(ctc_all, 1), labels=ctc_all)
+        if self.ctc_head is not None:
+            stats.update(ctc_loss=ctc_sum / max(ctc_all, 1), ctc_labels=ctc_all)
+        return stats
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -383,24 +446,48 @@ class Trainer:
         self.parts.eval()
         items = self.val_items[self.dist.rank :: self.dist.world_size]
         size = self.config.optim.batch_size
-        loss_sum, labels = 0.0, 0
+        loss_sum, labels, ctc_sum, ctc_labels, errors, words = 0.0, 0, 0.0, 0, 0, 0
         for first in range(0, len(items), size):
             batch = self.make_batch(items[first : first + size])
             with self._autocast():
-                loss_sum += float(self.parts(batch))
-            labels += batch.num_label_tokens
-        loss_sum, labels = _all_sum([loss_sum, float(labels)], self.dist, self.device)
-        result = {"val_loss": loss_sum / labels if labels else float("nan")}
+                sums = self.parts(batch)
+                if self.ctc_head is not None:
+                    for item, targets in zip(items[first : first + size], batch.ctc_targets, strict=True):
+                        if targets:
+                            edits = word_edits(transcript_of(item.metadata), self._ctc_transcript(item))
+                            errors, words = errors + edits.errors, words + edits.ref_len
+            loss_sum += float(sums["lm"]) if "lm" in sums else 0.0
+            ctc_sum += float(sums["ctc"]) if "ctc" in sums else 0.0
+            labels += batch.num_label_tokens if self.parts.run_lm else 0
+            ctc_labels += batch.num_ctc_targets
+        loss_sum, labels, ctc_sum, ctc_labels, errors, words = _all_sum(
+            [loss_sum, float(labels), ctc_sum, float(ctc_labels), float(errors), float(words)], self.dist, self.device
+        )
+        result = {}
+        if self.ctc_head is not None:
+            result["val_ctc_loss"] = ctc_sum / ctc_labels if ctc_labels else float("nan")
+            result["val_ctc_wer"] = errors / words if words else float("nan")
+        result["val_loss"] = loss_sum / labels if self.parts.run_lm and labels else result.get("val_ctc_loss", float("nan"))
         if self.dist.is_main and self.config.data.num_generations:
             self._write_samples(self.val_items[: self.config.data.num_generations])
         self.parts.train()
         return result
+
+    def _ctc_transcript(self, item: ManifestItem) -> str:
+        """Best-path CTC decoding of an item's audio tokens, as text."""
+        tokens = self.model.audio_tokens(self.features(item))
+        return self.processor.tokenizer.decode(self.ctc_head.greedy(tokens), skip_special_tokens=True)
 
     def _write_samples(self, items: Sequence[ManifestItem]) -> None:
         settings = GenerationSettings.greedy(max_new_tokens=48)
         rows = []
         for item in items:
             with self._autocast():
+                if not self.parts.run_lm:  # stage ctc: show what the CTC head reads
+                    rows.append({"step": self.step, "audio": item.audio, "instruction": "(CTC best path)",
+                                 "reference": transcript_of(item.metadata), "answer": self._ctc_transcript(item)})  # fmt: skip
+                    log.info("step %d | %s | CTC -> %r (reference %r)", self.step, item.audio, rows[-1]["answer"], rows[-1]["reference"])
+                    continue
                 tokens = self.model.audio_tokens(self.features(item))
                 answer = self.model.generate([[Message("user", item.turns[0][0], num_audio=1)]], [[tokens]], settings)[0]
             rows.append({"step": self.step, "audio": item.audio, "instruction": item.turns[0][0], "reference": item.turns[0][1], "answer": answer})
@@ -434,6 +521,8 @@ class Trainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             save_file(trainable_state(self.model), partial / "trainable.safetensors")
+            if self.ctc_head is not None:
+                save_file({k: v.detach().cpu() for k, v in self.ctc_head.state_dict().items()}, partial / CTC_HEAD_FILE)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -458,6 +547,10 @@ class Trainer:
         """Restore weights, optimizer, scheduler, scaler, RNG and data position from ``folder``."""
         state = json.loads((folder / "state.json").read_text())
         load_trainable_state(self.model, load_file(folder / "trainable.safetensors"), str(folder))
+        if self.ctc_head is not None:
+            if not (folder / CTC_HEAD_FILE).is_file():
+                raise CheckpointError(f"{folder}: {CTC_HEAD_FILE} is missing, but this run trains a CTC head")
+            self.ctc_head.load_state_dict(load_file(folder / CTC_HEAD_FILE))
         blob = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
@@ -595,6 +688,8 @@ class Trainer:
                 model_dir = self.out_dir / "model"
                 self.model.eval()
                 self.model.save_pretrained(model_dir)
+                if self.ctc_head is not None:
+                    save_file({k: v.detach().cpu() for k, v in self.ctc_head.state_dict().items()}, model_dir / CTC_HEAD_FILE)
                 log.info("saved the trained model to %s", model_dir)
             summary = {"step": self.step, "finished": finished, "world_size": self.dist.world_size,
                        "rank_checksums": checksums, "model": str(model_dir) if model_dir else None}  # fmt: skip

@@ -33,7 +33,10 @@ def _write_split(folder: Path, split: str, rows: list[dict]) -> None:
 
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> Path:
-    """Tones: low (220-330 Hz) or high (1500-2500 Hz), 1-2.5 s; one follow-up turn on some items."""
+    """Tones: low (220-330 Hz) or high (1500-2500 Hz), 1-2.5 s; one follow-up turn on some items.
+
+    ``metadata.text`` ("a high tone" / "a low tone") stands in for a transcript (stage ctc).
+    """
     root = tmp_path_factory.mktemp("data")
     (root / "clips").mkdir()
     splits = {"train": 8, "validation": 4, "test": 2}
@@ -46,7 +49,8 @@ def dataset(tmp_path_factory) -> Path:
             name = f"clips/{split}_{i:02d}.wav"
             sf.write(root / name, tiny.tone_clip(seconds, freq, seed=i), 16000)
             row = {"audio": name, "duration": seconds, "task": "pitch", "instruction": "Is the tone high or low?",
-                   "answer": "high" if high else "low", "metadata": {"freq": freq}}  # fmt: skip
+                   "answer": "high" if high else "low",
+                   "metadata": {"freq": freq, "text": "a high tone" if high else "a low tone"}}  # fmt: skip
             if i % 3 == 0:
                 row["turns"] = [{"instruction": "How many tones?", "answer": "one"}]
             rows.append(row)
