@@ -588,9 +588,26 @@ class OmnivoxModel(nn.Module):
         layers = [m for m in self.llm.modules() if isinstance(m, LoraLayer)]
         if not layers:
             raise UserInputError("this model has no LoRA layers to scale")
+        merged = any(layer.merged for layer in layers)
+        if merged:  # the merged weights hold the old scale: take it out, rescale, merge again
+            self.llm.unmerge_adapter()
         for layer in layers:
             for name in layer.lora_A:
                 layer.set_scale(name, scale)
+        if merged:
+            self.llm.merge_adapter()
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA update into the LLM's weights (inference: no extra matmuls per layer).
+
+        peft keeps the LoRA matrices, so :meth:`set_lora_scale` still works (it unmerges and
+        merges again). Not for quantized LLMs (the merge would round the update away).
+        """
+        from peft.tuners.lora import LoraLayer
+
+        if not any(isinstance(m, LoraLayer) for m in self.llm.modules()):
+            raise UserInputError("this model has no LoRA layers to merge")
+        self.llm.merge_adapter()
 
     # -------------------------------------------------------------- save/load
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -614,8 +631,13 @@ class OmnivoxModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         quantization: Quantization = None,
         lora_scale: float = 1.0,
+        merge_lora: bool = True,
     ) -> OmnivoxModel:
-        """Load a model folder (see the module docstring for its layout)."""
+        """Load a model folder (see the module docstring for its layout).
+
+        ``merge_lora`` folds the LoRA update into the LLM weights (faster decoding on CPU,
+        the same answers up to float rounding); it is skipped for quantized LLMs.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: not a model folder (no such directory)")
@@ -638,6 +660,8 @@ class OmnivoxModel(nn.Module):
         model = cls(config, encoders, adapter, llm, tokenizer)
         if config.lora is not None and lora_scale != 1.0:
             model.set_lora_scale(lora_scale)
+        if config.lora is not None and merge_lora and quantization is None:
+            model.merge_lora()
         return model.eval()
 
 

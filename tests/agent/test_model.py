@@ -153,6 +153,22 @@ def test_lora_scale_changes_output_and_zero_removes_it(tiny_model_dir):
     torch.testing.assert_close(_first_logits(model, clip), base)
 
 
+def test_merged_lora_gives_the_unmerged_logits_and_can_still_be_scaled(tiny_model_dir):
+    from peft.tuners.lora import LoraLayer
+
+    merged = OmnivoxModel.from_pretrained(tiny_model_dir)  # merge_lora=True by default
+    plain = OmnivoxModel.from_pretrained(tiny_model_dir, merge_lora=False)
+    layers = [m for m in merged.llm.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(m.merged for m in layers)
+    assert not any(m.merged for m in plain.llm.modules() if isinstance(m, LoraLayer))
+    clip = tiny.tone_clip(2.0)
+    torch.testing.assert_close(_first_logits(merged, clip), _first_logits(plain, clip), rtol=1e-5, atol=1e-5)
+    merged.set_lora_scale(0.5)
+    plain.set_lora_scale(0.5)
+    assert all(m.merged for m in layers)
+    torch.testing.assert_close(_first_logits(merged, clip), _first_logits(plain, clip), rtol=1e-5, atol=1e-5)
+
+
 def test_streaming_yields_the_same_text(tiny_model):
     pieces: list[str] = []
     clip = [tiny_model.encode_clip(tiny.tone_clip(2.0))]
