@@ -37,7 +37,7 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL + "[optim]\nlr_rate = 1\n", (), "unknown key optim.lr_rate"),
         (MINIMAL, ("optim.lr=-1",), "optim.lr must be > 0, got -1"),
         (MINIMAL, ("optim.batch_size=2.5",), "optim.batch_size must be an integer"),
-        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['align', 'instruct'\\]"),
+        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['ctc', 'align', 'instruct'\\]"),
         (MINIMAL, ("dtype=fp16", "device=cpu"), "fp16 needs a GPU"),
         (MINIMAL, ("model.llm=x",), "model.init_from is set, so model.llm must be left out"),
         (MINIMAL.replace('init_from = "some/folder"', 'llm = "x"'), (), "model.encoders: a fresh model needs"),

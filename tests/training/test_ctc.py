@@ -36,7 +36,7 @@ def test_head_learns_a_transcript_and_greedy_collapses_repeats():
         optim.zero_grad()
         loss.backward()
         optim.step()
-    assert float(loss) < 0.05 * first
+    assert loss.item() < 0.05 * first
     assert head.greedy(tokens[0].detach()) == [3, 3, 5]
     assert head.greedy(tokens[1].detach()) == [7, 1]
 
