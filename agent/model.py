@@ -579,15 +579,19 @@ class OmnivoxModel(nn.Module):
         return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text)[0]
 
     # ------------------------------------------------------------------- LoRA
-    def set_lora_scale(self, scale: float) -> None:
-        """Multiply the LoRA update by ``scale`` (1.0 = as trained; lower it under 8-bit)."""
+    def _lora_layers(self, purpose: str) -> list[nn.Module]:
         from peft.tuners.lora import LoraLayer
 
-        if scale < 0:
-            raise UserInputError(f"LoRA scale must be >= 0, got {scale}")
         layers = [m for m in self.llm.modules() if isinstance(m, LoraLayer)]
         if not layers:
-            raise UserInputError("this model has no LoRA layers to scale")
+            raise UserInputError(f"this model has no LoRA layers to {purpose}")
+        return layers
+
+    def set_lora_scale(self, scale: float) -> None:
+        """Multiply the LoRA update by ``scale`` (1.0 = as trained; lower it under 8-bit)."""
+        if scale < 0:
+            raise UserInputError(f"LoRA scale must be >= 0, got {scale}")
+        layers = self._lora_layers("scale")
         merged = any(layer.merged for layer in layers)
         if merged:  # the merged weights hold the old scale: take it out, rescale, merge again
             self.llm.unmerge_adapter()
@@ -603,10 +607,7 @@ class OmnivoxModel(nn.Module):
         peft keeps the LoRA matrices, so :meth:`set_lora_scale` still works (it unmerges and
         merges again). Not for quantized LLMs (the merge would round the update away).
         """
-        from peft.tuners.lora import LoraLayer
-
-        if not any(isinstance(m, LoraLayer) for m in self.llm.modules()):
-            raise UserInputError("this model has no LoRA layers to merge")
+        self._lora_layers("merge")
         self.llm.merge_adapter()
 
     # -------------------------------------------------------------- save/load

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +93,17 @@ def read_manifest(path: Path) -> list[ManifestItem]:
     return items
 
 
-def load_split(folder: Path, split: str, tasks: Sequence[str] = (), max_items: int = 0) -> list[ManifestItem]:
-    """Items of ``<folder>/<split>.jsonl``, filtered by task, at most ``max_items`` (0: all)."""
+def load_split(
+    folder: Path,
+    split: str,
+    tasks: Sequence[str] = (),
+    max_items: int = 0,
+    where: Callable[[ManifestItem], bool] | None = None,
+) -> list[ManifestItem]:
+    """Items of ``<folder>/<split>.jsonl``, filtered by task and ``where``, at most ``max_items`` (0: all)."""
     items = read_manifest(Path(folder) / f"{split}.jsonl")
+    if where is not None:
+        items = [i for i in items if where(i)]
     if tasks:
         known = {i.task for i in items}
         unknown = sorted(set(tasks) - known)

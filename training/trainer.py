@@ -182,10 +182,15 @@ class TrainableParts(nn.Module):
         self._owner = [model]  # not a submodule: DDP must not see the frozen encoders
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        model = self._owner[0]
+        return self.losses(batch, self.audio(batch))
+
+    def audio(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Per item its audio tokens [N_i, H] (the adapter runs once over the whole batch)."""
         flat = [w for windows in batch.windows for w in windows]
-        tokens = model.audio_tokens(flat)  # [sum N_i, H]
-        per_item = tokens.split([sum(w.num_tokens for w in ws) for ws in batch.windows])
+        tokens = self._owner[0].audio_tokens(flat)  # [sum N_i, H]
+        return tokens.split([sum(w.num_tokens for w in ws) for ws in batch.windows])
+
+    def losses(self, batch: Batch, per_item: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self.ctc_head is not None:
             out["ctc"] = self.ctc_head.loss(per_item, batch.ctc_targets)[0]
@@ -259,12 +264,10 @@ class Trainer:
         self.device = resolve_device(config, self.dist.local_rank)
         self._seed(config.seed)
         data = config.data
-        self.train_items = load_split(Path(data.dir), "train", data.tasks, data.max_items)
-        self.val_items = load_split(Path(data.dir), "validation", data.tasks, data.eval_items)
-        if config.stage == "ctc":  # only clips with a transcript teach CTC
-            self.train_items = [i for i in self.train_items if transcript_of(i.metadata)]
-            spoken = [i for i in load_split(Path(data.dir), "validation", data.tasks) if transcript_of(i.metadata)]
-            self.val_items = spoken[: data.eval_items] if data.eval_items else spoken
+        # only clips with a transcript teach CTC
+        spoken = (lambda item: transcript_of(item.metadata) is not None) if config.stage == "ctc" else None
+        self.train_items = load_split(Path(data.dir), "train", data.tasks, data.max_items, where=spoken)
+        self.val_items = load_split(Path(data.dir), "validation", data.tasks, data.eval_items, where=spoken)
         if not self.train_items:
             why = " with a transcript (metadata.text), which stage ctc needs" if config.stage == "ctc" else ""
             raise UserInputError(f"{data.dir}/train.jsonl has no items{why} (after the task filter {list(data.tasks)})")
@@ -454,11 +457,13 @@ class Trainer:
         for first in range(0, len(items), size):
             batch = self.make_batch(items[first : first + size])
             with self._autocast():
-                sums = self.parts(batch)
+                per_item = self.parts.audio(batch)
+                sums = self.parts.losses(batch, per_item)
                 if self.ctc_head is not None:
-                    for item, targets in zip(items[first : first + size], batch.ctc_targets, strict=True):
+                    chunk = items[first : first + size]
+                    for item, targets, tokens in zip(chunk, batch.ctc_targets, per_item, strict=True):
                         if targets:
-                            edits = word_edits(transcript_of(item.metadata), self._ctc_transcript(item))
+                            edits = word_edits(transcript_of(item.metadata), self._ctc_text(tokens))
                             errors, words = errors + edits.errors, words + edits.ref_len
             loss_sum += float(sums["lm"]) if "lm" in sums else 0.0
             ctc_sum += float(sums["ctc"]) if "ctc" in sums else 0.0
@@ -477,22 +482,26 @@ class Trainer:
         self.parts.train()
         return result
 
-    def _ctc_transcript(self, item: ManifestItem) -> str:
-        """Best-path CTC decoding of an item's audio tokens, as text."""
-        tokens = self.model.audio_tokens(self.features(item))
+    def _ctc_text(self, tokens: torch.Tensor) -> str:
+        """Best-path CTC decoding of one item's audio tokens [N, H], as text."""
         return self.processor.tokenizer.decode(self.ctc_head.greedy(tokens), skip_special_tokens=True)
+
+    def _save_ctc_head(self, folder: Path) -> None:
+        if self.ctc_head is not None:
+            state = {k: v.detach().cpu() for k, v in self.ctc_head.state_dict().items()}
+            save_file(state, folder / CTC_HEAD_FILE)
 
     def _write_samples(self, items: Sequence[ManifestItem]) -> None:
         settings = GenerationSettings.greedy(max_new_tokens=48)
         rows = []
         for item in items:
             with self._autocast():
+                tokens = self.model.audio_tokens(self.features(item))
                 if not self.parts.run_lm:  # stage ctc: show what the CTC head reads
                     rows.append({"step": self.step, "audio": item.audio, "instruction": "(CTC best path)",
-                                 "reference": transcript_of(item.metadata), "answer": self._ctc_transcript(item)})  # fmt: skip
+                                 "reference": transcript_of(item.metadata), "answer": self._ctc_text(tokens)})  # fmt: skip
                     log.info("step %d | %s | CTC -> %r (reference %r)", self.step, item.audio, rows[-1]["answer"], rows[-1]["reference"])
                     continue
-                tokens = self.model.audio_tokens(self.features(item))
                 answer = self.model.generate([[Message("user", item.turns[0][0], num_audio=1)]], [[tokens]], settings)[0]
             rows.append({"step": self.step, "audio": item.audio, "instruction": item.turns[0][0], "reference": item.turns[0][1], "answer": answer})
             log.info("step %d | %s | %s -> %r (reference %r)", self.step, item.audio, item.turns[0][0], answer, item.turns[0][1])
@@ -525,8 +534,7 @@ class Trainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
             save_file(trainable_state(self.model), partial / "trainable.safetensors")
-            if self.ctc_head is not None:
-                save_file({k: v.detach().cpu() for k, v in self.ctc_head.state_dict().items()}, partial / CTC_HEAD_FILE)
+            self._save_ctc_head(partial)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -692,8 +700,7 @@ class Trainer:
                 model_dir = self.out_dir / "model"
                 self.model.eval()
                 self.model.save_pretrained(model_dir)
-                if self.ctc_head is not None:
-                    save_file({k: v.detach().cpu() for k, v in self.ctc_head.state_dict().items()}, model_dir / CTC_HEAD_FILE)
+                self._save_ctc_head(model_dir)
                 log.info("saved the trained model to %s", model_dir)
             summary = {"step": self.step, "finished": finished, "world_size": self.dist.world_size,
                        "rank_checksums": checksums, "model": str(model_dir) if model_dir else None}  # fmt: skip

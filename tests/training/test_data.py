@@ -48,3 +48,13 @@ def test_manifest_and_batch_plan(dataset):
     assert len(e0[0]) == len(e0[1]) == 2
     assert sorted(i for batches in e0 for b in batches for i in b) == list(range(8))  # ranks split the items
     assert plans[0].epoch(0) == e0[0] and plans[0].epoch(1) != e0[0]  # deterministic per epoch
+
+
+def test_load_split_filters_with_where_before_the_item_limit(dataset):
+    from omnivox.training.data import load_split
+
+    lows = load_split(dataset, "train", where=lambda item: item.turns[0][1] == "low")
+    assert lows and all(i.turns[0][1] == "low" for i in lows)
+    assert [i.audio for i in load_split(dataset, "train", max_items=2, where=lambda item: item.turns[0][1] == "low")] == [
+        i.audio for i in lows[:2]
+    ]
