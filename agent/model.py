@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omnivox.adapters.lora import FoldedLora
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import EncoderRef, OmnivoxConfig
@@ -276,6 +277,8 @@ class OmnivoxModel(nn.Module):
         adapter: LayerNorm fusion + window Q-Former + projection.
         llm: a causal LM (optionally peft-wrapped).
         tokenizer: the LLM's tokenizer.
+        folded_lora: a LoRA adapter already folded into ``llm``'s weights (no peft layers), so
+            :meth:`set_lora_scale` can still rescale it.
     """
 
     def __init__(
@@ -285,6 +288,7 @@ class OmnivoxModel(nn.Module):
         adapter: AudioAdapter,
         llm: nn.Module,
         tokenizer,
+        folded_lora: FoldedLora | None = None,
     ) -> None:
         super().__init__()
         if len(encoders) != len(config.encoders):
@@ -307,6 +311,7 @@ class OmnivoxModel(nn.Module):
         self.adapter = adapter
         self.llm = llm
         self.tokenizer = tokenizer
+        self.folded_lora = folded_lora
         self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
 
     # ------------------------------------------------------------------ audio
@@ -591,6 +596,9 @@ class OmnivoxModel(nn.Module):
         """Multiply the LoRA update by ``scale`` (1.0 = as trained; lower it under 8-bit)."""
         if scale < 0:
             raise UserInputError(f"LoRA scale must be >= 0, got {scale}")
+        if self.folded_lora is not None:
+            self.folded_lora.rescale(scale)
+            return
         layers = self._lora_layers("scale")
         merged = any(layer.merged for layer in layers)
         if merged:  # the merged weights hold the old scale: take it out, rescale, merge again
@@ -607,6 +615,8 @@ class OmnivoxModel(nn.Module):
         peft keeps the LoRA matrices, so :meth:`set_lora_scale` still works (it unmerges and
         merges again). Not for quantized LLMs (the merge would round the update away).
         """
+        if self.folded_lora is not None:
+            return  # folded at load already
         self._lora_layers("merge")
         self.llm.merge_adapter()
 
@@ -637,7 +647,9 @@ class OmnivoxModel(nn.Module):
         """Load a model folder (see the module docstring for its layout).
 
         ``merge_lora`` folds the LoRA update into the LLM weights (faster decoding on CPU,
-        the same answers up to float rounding); it is skipped for quantized LLMs.
+        the same answers up to float rounding); it is skipped for quantized LLMs. A plain
+        LoRA is folded without importing peft (:mod:`omnivox.adapters.lora`: a faster start);
+        anything else goes through peft's merge.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -656,9 +668,16 @@ class OmnivoxModel(nn.Module):
         llm = load_llm(llm_ref, gguf_file=config.llm_gguf_file, dtype=dtype, device=device, quantization=quantization)
         tok_dir = folder / "tokenizer"
         tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, config.llm_gguf_file)
-        if config.lora is not None:
-            llm = attach_lora(llm, config, folder / "lora")
-        model = cls(config, encoders, adapter, llm, tokenizer)
+        lora_dir = folder / "lora"
+        folded = None
+        if config.lora is not None and merge_lora and quantization is None and lora_dir.is_dir():
+            folded = FoldedLora.load(lora_dir, llm)  # None: a LoRA feature only peft merges
+        if config.lora is not None and folded is None:
+            llm = attach_lora(llm, config, lora_dir)
+        model = cls(config, encoders, adapter, llm, tokenizer, folded_lora=folded)
+        if folded is not None:
+            folded.rescale(lora_scale)
+            return model.eval()
         if config.lora is not None and lora_scale != 1.0:
             model.set_lora_scale(lora_scale)
         if config.lora is not None and merge_lora and quantization is None:

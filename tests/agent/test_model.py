@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -140,7 +142,7 @@ def test_too_long_audio_is_rejected_not_truncated(tiny_model_dir):
 
 
 def test_lora_scale_changes_output_and_zero_removes_it(tiny_model_dir):
-    model = OmnivoxModel.from_pretrained(tiny_model_dir)
+    model = OmnivoxModel.from_pretrained(tiny_model_dir, merge_lora=False)  # peft layers, unmerged
     clip = tiny.tone_clip(2.0)
     base = _first_logits(model, clip)
     model.set_lora_scale(0.0)
@@ -156,17 +158,43 @@ def test_lora_scale_changes_output_and_zero_removes_it(tiny_model_dir):
 def test_merged_lora_gives_the_unmerged_logits_and_can_still_be_scaled(tiny_model_dir):
     from peft.tuners.lora import LoraLayer
 
-    merged = OmnivoxModel.from_pretrained(tiny_model_dir)  # merge_lora=True by default
+    folded = OmnivoxModel.from_pretrained(tiny_model_dir)  # merge_lora=True by default: folded without peft
     plain = OmnivoxModel.from_pretrained(tiny_model_dir, merge_lora=False)
-    layers = [m for m in merged.llm.modules() if isinstance(m, LoraLayer)]
+    peft_merged = OmnivoxModel.from_pretrained(tiny_model_dir, merge_lora=False)
+    peft_merged.merge_lora()
+    assert folded.folded_lora is not None and len(folded.folded_lora) > 0
+    assert not any(isinstance(m, LoraLayer) for m in folded.llm.modules())
+    layers = [m for m in peft_merged.llm.modules() if isinstance(m, LoraLayer)]
     assert layers and all(m.merged for m in layers)
     assert not any(m.merged for m in plain.llm.modules() if isinstance(m, LoraLayer))
     clip = tiny.tone_clip(2.0)
-    torch.testing.assert_close(_first_logits(merged, clip), _first_logits(plain, clip), rtol=1e-5, atol=1e-5)
-    merged.set_lora_scale(0.5)
-    plain.set_lora_scale(0.5)
-    assert all(m.merged for m in layers)
-    torch.testing.assert_close(_first_logits(merged, clip), _first_logits(plain, clip), rtol=1e-5, atol=1e-5)
+    reference = _first_logits(plain, clip)
+    torch.testing.assert_close(_first_logits(folded, clip), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_first_logits(peft_merged, clip), reference, rtol=1e-5, atol=1e-5)
+    for scale in (0.5, 0.0, 1.0):
+        for model in (folded, plain, peft_merged):
+            model.set_lora_scale(scale)
+        assert all(m.merged for m in layers)
+        reference = _first_logits(plain, clip)
+        torch.testing.assert_close(_first_logits(folded, clip), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_first_logits(peft_merged, clip), reference, rtol=1e-5, atol=1e-5)
+    with plain.llm.disable_adapter():
+        base = _first_logits(plain, clip)
+    folded.set_lora_scale(0.0)
+    torch.testing.assert_close(_first_logits(folded, clip), base, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_a_plain_lora_model_does_not_import_peft(tiny_model_dir):
+    code = (
+        "import sys\n"
+        "from omnivox.agent.model import OmnivoxModel\n"
+        f"m = OmnivoxModel.from_pretrained({str(tiny_model_dir)!r})\n"
+        "assert m.folded_lora is not None\n"
+        "print(sorted(k for k in ('peft', 'bitsandbytes') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_streaming_yields_the_same_text(tiny_model):

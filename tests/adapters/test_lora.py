@@ -1,0 +1,116 @@
+"""Folding a saved peft LoRA into plain Linear weights: same weights as peft's merge, strict checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny
+import torch
+from safetensors.torch import load_file, save_file
+
+from omnivox.adapters.lora import WEIGHTS_FILE, FoldedLora
+from omnivox.errors import CheckpointError
+
+
+def _llm(tmp_path, seed=0):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny.make_llm(tmp_path / f"llm{seed}", vocab_size=64, seed=0)
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def _saved_lora(tmp_path, **lora_kwargs):
+    """A peft LoRA on a tiny LLaMA with non-zero B, saved in peft's format; returns (folder, peft model)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(_llm(tmp_path), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    folder = tmp_path / "lora"
+    peft_model.save_pretrained(folder)
+    return folder, peft_model
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_folded_weights_equal_peft_merged_weights(tmp_path, rslora):
+    folder, peft_model = _saved_lora(tmp_path, use_rslora=rslora)
+    peft_model.merge_adapter()
+    merged = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in peft_model.state_dict().items() if "lora_" not in k}
+    plain = _llm(tmp_path)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    folded = FoldedLora.load(folder, plain)
+    assert folded is not None and len(folded) == 3 * 2  # 3 targets x 2 layers
+    folded.rescale(1.0)
+    changed = 0
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
+        changed += not torch.equal(value, before[name])
+    assert changed == 6
+    folded.rescale(0.0)
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6)
+
+
+def test_a_lora_feature_only_peft_merges_falls_back(tmp_path):
+    folder, _ = _saved_lora(tmp_path, use_dora=True)
+    assert FoldedLora.load(folder, _llm(tmp_path)) is None
+
+
+def _rewrite(folder, change):
+    state = load_file(folder / WEIGHTS_FILE)
+    change(state)
+    save_file(state, folder / WEIGHTS_FILE)
+
+
+def _pair(module):
+    return {f"base_model.model.{module}.lora_A.weight": torch.zeros(4, 32), f"base_model.model.{module}.lora_B.weight": torch.zeros(32, 4)}
+
+
+def test_bad_adapters_are_rejected_with_the_numbers(tmp_path):
+    folder, _ = _saved_lora(tmp_path)
+    llm = _llm(tmp_path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    original = load_file(folder / WEIGHTS_FILE)
+    assert key in original
+
+    _rewrite(folder, lambda s: s.__setitem__(key, torch.zeros(4, 31)))
+    with pytest.raises(CheckpointError, match=r"lora_A \(4, 31\).*expected \(4, 32\)"):
+        FoldedLora.load(folder, llm)
+
+    save_file(dict(original), folder / WEIGHTS_FILE)
+    _rewrite(folder, lambda s: s.pop(key.replace("lora_A", "lora_B")))
+    with pytest.raises(CheckpointError, match="has lora_A only"):
+        FoldedLora.load(folder, llm)
+
+    save_file(dict(original), folder / WEIGHTS_FILE)
+    _rewrite(folder, lambda s: s.update(_pair("model.layers.7.self_attn.q_proj")))
+    with pytest.raises(CheckpointError, match="no module 'model.layers.7"):
+        FoldedLora.load(folder, llm)
+
+    save_file(dict(original), folder / WEIGHTS_FILE)
+    _rewrite(folder, lambda s: s.__setitem__("base_model.model.model.norm.weight", torch.zeros(32)))
+    with pytest.raises(CheckpointError, match="not a LoRA A/B weight"):
+        FoldedLora.load(folder, llm)
+
+    save_file(dict(original), folder / WEIGHTS_FILE)
+    _rewrite(folder, lambda s: s.update(_pair("model.norm")))
+    with pytest.raises(CheckpointError, match="not a Linear layer"):
+        FoldedLora.load(folder, llm)
+
+    save_file(dict(original), folder / WEIGHTS_FILE)
+    (folder / WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="cannot read the LoRA weights"):
+        FoldedLora.load(folder, llm)
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
+    with pytest.raises(CheckpointError, match="r=0"):
+        FoldedLora.load(folder, llm)
+    (folder / "adapter_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="cannot read the LoRA config"):
+        FoldedLora.load(folder, llm)
