@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omnivox.errors import CheckpointError
@@ -68,11 +68,13 @@ class FoldedLora:
     Args:
         pairs: module path -> the layer and its A ``[r, in]`` / B ``[out, r]`` matrices.
         scaling: ``alpha / r`` (or ``alpha / sqrt(r)`` under rsLoRA).
+        config: the adapter's ``adapter_config.json``.
     """
 
-    def __init__(self, pairs: dict[str, _Pair], scaling: float) -> None:
+    def __init__(self, pairs: dict[str, _Pair], scaling: float, config: dict) -> None:
         self.pairs = pairs
         self.scaling = scaling
+        self.config = config  # adapter_config.json as read, written back by :meth:`save`
         self.scale = 0.0  # what the weights hold now (0: not folded yet)
 
     @classmethod
@@ -132,8 +134,8 @@ class FoldedLora:
                     f"{folder / WEIGHTS_FILE}: {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                     f"a Linear {linear.in_features}->{linear.out_features} at r={r}: expected {expect_a} / {expect_b}"
                 )
-            pairs[path] = _Pair(linear, a.float(), b.float())
-        return cls(pairs, scaling)
+            pairs[path] = _Pair(linear, a, b)
+        return cls(pairs, scaling, config)
 
     @torch.no_grad()
     def rescale(self, scale: float) -> None:
@@ -143,13 +145,25 @@ class FoldedLora:
         old = self.scale
         for pair in self.pairs.values():
             w = pair.linear.weight
-            product = pair.b.to(w.device) @ pair.a.to(w.device)  # [out, in]
+            product = pair.b.to(w.device, torch.float32) @ pair.a.to(w.device, torch.float32)  # [out, in]
             # take the old update out and put the new one in, as peft's unmerge + merge do
             if old:
                 w.sub_((product * (self.scaling * old)).to(w.dtype))
             if scale:
                 w.add_((product * (self.scaling * scale)).to(w.dtype))
         self.scale = scale
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the adapter back in peft's format (the unscaled A/B matrices, the config as read)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFIG_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        state = {}
+        for path, pair in self.pairs.items():
+            state[f"base_model.model.{path}.lora_A.weight"] = pair.a.contiguous()
+            state[f"base_model.model.{path}.lora_B.weight"] = pair.b.contiguous()
+        save_file(state, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+        return folder
 
     def __len__(self) -> int:
         return len(self.pairs)

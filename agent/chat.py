@@ -20,7 +20,7 @@ class ChatSession:
 
     def __init__(self, model: OmnivoxModel, settings: GenerationSettings | None = None) -> None:
         self.model = model
-        self.settings = settings or GenerationSettings()
+        self.settings = settings or GenerationSettings.for_model(model.config)
         self.reset()
 
     def reset(self) -> None:

@@ -59,27 +59,33 @@ def load_model_for_cli(args: argparse.Namespace):
         )
 
 
-def generation_settings(args: argparse.Namespace):
+def generation_settings(args: argparse.Namespace, config):
+    """The model's default decoding (``config.generation``) with the flags given on top."""
     from omnivox.agent.model import GenerationSettings
 
     if args.greedy and args.temperature is not None:
         raise UserInputError("--greedy and --temperature exclude each other")
-    beams = 1 if args.greedy or args.temperature is not None else args.num_beams
-    return GenerationSettings(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=beams,
-        do_sample=args.temperature is not None,
-        temperature=args.temperature if args.temperature is not None else 1.0,
-    )
+    overrides: dict = {}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.greedy:
+        overrides.update(num_beams=1, do_sample=False)
+    elif args.temperature is not None:
+        overrides.update(num_beams=1, do_sample=True, temperature=args.temperature)
+    elif args.num_beams is not None:
+        overrides.update(num_beams=args.num_beams, do_sample=False)
+    return GenerationSettings.for_model(config, **overrides)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from omnivox.agent.audio import load_audio
     from omnivox.agent.chat import ChatSession
 
+    if args.greedy and args.temperature is not None:  # before loading a big model
+        raise UserInputError("--greedy and --temperature exclude each other")
     clips = [load_audio(path) for path in args.audio]  # validate audio before loading a big model
     model = load_model_for_cli(args)
-    settings = generation_settings(args)
+    settings = generation_settings(args, model.config)
     session = ChatSession(model, settings)
     for clip in clips:
         session.add_audio(clip.samples)
@@ -167,9 +173,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="ask questions about audio (interactive without a prompt)")
     model_flags(chat)
     chat.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable)")
-    chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: beam search)")
-    chat.add_argument("--num-beams", type=int, default=4)
-    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's, see its config.json 'generation')")
+    chat.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the model's; 4 when it sets none)")
+    chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's; 200 when it sets none)")
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)

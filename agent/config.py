@@ -106,6 +106,13 @@ class AudioSettings:
             raise CheckpointError(f"windows_per_batch must be >= 1, got {self.windows_per_batch}")
 
 
+# Decoding settings a model folder may set as its defaults (``GenerationSettings`` fields) and their types.
+GENERATION_KEYS: dict[str, type | tuple[type, ...]] = {
+    "max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": (int, float), "top_p": (int, float),
+    "repetition_penalty": (int, float), "length_penalty": (int, float), "min_new_tokens": int,
+}
+
+
 @dataclass(frozen=True)
 class OmnivoxConfig:
     """Everything needed to rebuild a model from its folder.
@@ -118,6 +125,9 @@ class OmnivoxConfig:
         prompt_style: name in ``omnivox.prompts.PROMPT_STYLES``.
         audio: windowing of the audio.
         llm_gguf_file: file name inside ``llm`` when the LLM is a GGUF file.
+        generation: the model's default decoding, as ``GenerationSettings`` fields (e.g.
+            ``{"num_beams": 1}`` for a small model that beam search makes terse); empty:
+            SALMONN's beam 4. What a caller passes overrides it.
         format_version: version of the folder format.
     """
 
@@ -128,9 +138,19 @@ class OmnivoxConfig:
     prompt_style: str = "salmonn"
     audio: AudioSettings = field(default_factory=AudioSettings)
     llm_gguf_file: str | None = None
+    generation: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not isinstance(self.generation, dict):
+            raise CheckpointError(f"generation must be an object of decoding settings, got {type(self.generation).__name__}")
+        for key, value in self.generation.items():
+            kind = GENERATION_KEYS.get(key)
+            if kind is None:
+                raise CheckpointError(f"generation: unknown setting {key!r}; known: {sorted(GENERATION_KEYS)}")
+            if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+                wanted = kind.__name__ if isinstance(kind, type) else "a number"
+                raise CheckpointError(f"generation: {key} must be {wanted}, got {value!r}")
         if not self.encoders:
             raise CheckpointError("a model needs at least one audio encoder")
         if len(self.encoders) != len(self.qformer.encoder_dims):
@@ -166,6 +186,7 @@ class OmnivoxConfig:
                 prompt_style=data.get("prompt_style", "salmonn"),
                 audio=AudioSettings(**data.get("audio", {})),
                 llm_gguf_file=data.get("llm_gguf_file"),
+                generation=data.get("generation", {}),
                 format_version=data.get("format_version", FORMAT_VERSION),
             )
         except KeyError as err:

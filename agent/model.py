@@ -218,6 +218,15 @@ class GenerationSettings:
     def greedy(cls, **overrides) -> GenerationSettings:
         return replace(cls(num_beams=1), **overrides)
 
+    @classmethod
+    def for_model(cls, config: OmnivoxConfig, **overrides) -> GenerationSettings:
+        """The model folder's default decoding (``config.generation``), then ``overrides``."""
+        try:
+            base = cls(**config.generation)
+        except UserInputError as err:
+            raise CheckpointError(f"the model's default decoding {config.generation} is invalid: {err}") from None
+        return replace(base, **overrides)  # a bad override raises UserInputError
+
 
 @dataclass
 class WindowFeatures:
@@ -511,7 +520,7 @@ class OmnivoxModel(nn.Module):
 
         Args: as :meth:`generate`.
         """
-        settings = settings or GenerationSettings()
+        settings = settings or GenerationSettings.for_model(self.config)
         batch = self.build_inputs(conversations, audio)
         streamer = None
         if on_text is not None:
@@ -628,7 +637,9 @@ class OmnivoxModel(nn.Module):
         self.config.save(folder / "config.json")
         state = {k: v.detach().contiguous().cpu() for k, v in self.adapter.state_dict().items()}
         save_file(state, folder / "adapter.safetensors", metadata={"format": "pt", "omnivox": "adapter"})
-        if self.config.lora is not None:
+        if self.folded_lora is not None:
+            self.folded_lora.save(folder / "lora")
+        elif self.config.lora is not None:
             self.llm.save_pretrained(folder / "lora")
         self.tokenizer.save_pretrained(folder / "tokenizer")
         return folder

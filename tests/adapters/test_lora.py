@@ -54,6 +54,10 @@ def test_folded_weights_equal_peft_merged_weights(tmp_path, rslora):
     folded.rescale(0.0)
     for name, value in plain.state_dict().items():
         torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6)
+    again = folded.save(tmp_path / "again")
+    original, written = load_file(folder / WEIGHTS_FILE), load_file(again / WEIGHTS_FILE)
+    assert sorted(original) == sorted(written) and all(torch.equal(original[k], written[k]) for k in original)
+    assert json.loads((again / "adapter_config.json").read_text()) == json.loads((folder / "adapter_config.json").read_text())
 
 
 def test_a_lora_feature_only_peft_merges_falls_back(tmp_path):

@@ -81,3 +81,27 @@ def test_missing_audio_and_model_errors(tiny_model_dir, tmp_path):
 def test_conflicting_flags(tiny_model_dir, capsys):
     assert cli.main(["chat", "--model", str(tiny_model_dir), "--greedy", "--temperature", "0.7", "hi"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_chat_decodes_as_the_model_folder_says_unless_flags_say_otherwise(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import json
+    import shutil
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy)
+    data = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**data, "generation": {"num_beams": 1, "max_new_tokens": 5}}))
+    wav = _wav(tmp_path)
+    seen = []
+    real = OmnivoxModel.generate
+
+    def recording(self, conversations, audio, settings=None, on_text=None):
+        seen.append(settings)
+        return real(self, conversations, audio, settings, on_text)
+
+    monkeypatch.setattr(OmnivoxModel, "generate", recording)
+    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "What?"]) == 0
+    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--num-beams", "2", "What?"]) == 0
+    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--max-new-tokens", "3", "What?"]) == 0
+    assert [(s.num_beams, s.max_new_tokens) for s in seen] == [(1, 5), (2, 5), (1, 3)]
+    capsys.readouterr()

@@ -228,3 +228,29 @@ def test_bad_model_folders(tmp_path, tiny_model_dir):
     save_file(state, copy / "adapter.safetensors")
     with pytest.raises(CheckpointError, match="wrong shapes"):
         OmnivoxModel.from_pretrained(copy)
+
+
+def test_a_model_folder_sets_its_default_decoding(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from omnivox.agent.config import OmnivoxConfig
+
+    copy = tmp_path / "greedy"
+    shutil.copytree(tiny_model_dir, copy)
+    data = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**data, "generation": {"num_beams": 1, "max_new_tokens": 7}}))
+    config = OmnivoxConfig.load(copy / "config.json")
+    assert GenerationSettings.for_model(config) == GenerationSettings.greedy(max_new_tokens=7)
+    assert GenerationSettings.for_model(config, num_beams=3).num_beams == 3
+    assert GenerationSettings.for_model(OmnivoxConfig.load(tiny_model_dir / "config.json")) == GenerationSettings()
+    with pytest.raises(UserInputError, match="num_beams must be >= 1"):
+        GenerationSettings.for_model(config, num_beams=0)
+    for bad, message in (({"beams": 2}, "unknown setting 'beams'"), ({"num_beams": 2.5}, "num_beams must be int"),
+                         ({"temperature": True}, "temperature must be a number"), ([1], "must be an object")):
+        (copy / "config.json").write_text(json.dumps({**data, "generation": bad}))
+        with pytest.raises(CheckpointError, match=message):
+            OmnivoxConfig.load(copy / "config.json")
+    (copy / "config.json").write_text(json.dumps({**data, "generation": {"num_beams": 0}}))
+    with pytest.raises(CheckpointError, match="default decoding .* is invalid"):
+        GenerationSettings.for_model(OmnivoxConfig.load(copy / "config.json"))
