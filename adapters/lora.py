@@ -153,6 +153,10 @@ class FoldedLora:
                 w.add_((product * (self.scaling * scale)).to(w.dtype))
         self.scale = scale
 
+    def mark_folded(self, scale: float) -> None:
+        """Record that the weights already hold ``scale`` times the update (a cached folded copy)."""
+        self.scale = scale
+
     def save(self, folder: str | Path) -> Path:
         """Write the adapter back in peft's format (the unscaled A/B matrices, the config as read)."""
         folder = Path(folder)

@@ -16,6 +16,7 @@ time, and the audio tokens of all windows are given to the LLM in order.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -30,6 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omnivox.adapters.lora import CONFIG_FILE as LORA_CONFIG_FILE
+from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
 from omnivox.adapters.lora import FoldedLora
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
@@ -135,6 +138,67 @@ def materialize_gguf(ref: str, gguf_file: str) -> Path:
     except OSError:
         shutil.rmtree(partial, ignore_errors=True)  # another process finished first
     return target
+
+
+# Folded copies kept in the cache per base LLM (the newest ones; each is a full copy of the LLM).
+FOLDED_COPIES_KEPT = 3
+FOLDED_CACHE_MAX_BYTES = 2 * 1024**3
+
+
+def load_folded_llm(
+    ref: str, gguf_file: str | None, lora_dir: Path, scale: float, dtype: torch.dtype, device: str
+) -> tuple[nn.Module, FoldedLora | None]:
+    """The LLM with the LoRA in ``lora_dir`` folded into its weights (``scale`` times the update).
+
+    For a small LLM (one ``model.safetensors`` under 2 GiB, e.g. the dequantized GGUF of the
+    bundled model) on the CPU, the folded weights are cached once, keyed by the base weights,
+    the LoRA files, the scale and the dtype: a later start loads them instead of loading the
+    base and folding, which on 2 cores was the slowest step of a start (every weight page is
+    read, copied on write and rewritten). Returns ``(llm, None)`` when the LoRA uses a feature
+    only peft merges; the caller then attaches it with peft.
+    """
+    base = Path(materialize_gguf(ref, gguf_file) if gguf_file else ref)
+    target = None
+    weights = base / "model.safetensors"
+    if device == "cpu" and weights.is_file() and weights.stat().st_size <= FOLDED_CACHE_MAX_BYTES:
+        stat = weights.stat()
+        key = hashlib.sha256(f"{base.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{scale!r}|{dtype}".encode())
+        for name in (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE):
+            key.update(b"|" + (lora_dir / name).read_bytes())
+        target = cache_root() / "llm-folded" / f"{base.name}-{key.hexdigest()[:16]}"
+        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+            llm = load_llm(str(target), dtype=dtype, device=device)
+            folded = FoldedLora.load(lora_dir, llm)
+            if folded is not None:
+                folded.mark_folded(scale)
+                os.utime(target)  # newest first when pruning
+                return llm, folded
+    llm = load_llm(str(base), dtype=dtype, device=device)
+    folded = FoldedLora.load(lora_dir, llm)
+    if folded is None:
+        return llm, None
+    folded.rescale(scale)
+    if target is not None:
+        _save_folded_copy(llm, target, prefix=f"{base.name}-")
+    return llm, folded
+
+
+def _save_folded_copy(llm: nn.Module, target: Path, prefix: str) -> None:
+    """Write ``llm`` to ``target``; keep the newest ``FOLDED_COPIES_KEPT`` copies of the same base LLM."""
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    try:
+        llm.save_pretrained(partial)
+        partial.rename(target)  # atomic: a concurrent or interrupted run never leaves half a folder
+    except OSError as err:
+        log.warning("could not cache the folded LLM in %s: %s", target, err)
+        shutil.rmtree(partial, ignore_errors=True)
+        return
+    copies = sorted(
+        (p for p in target.parent.iterdir() if p.is_dir() and p.name.startswith(prefix) and ".partial-" not in p.name),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for old in copies[:-FOLDED_COPIES_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_llm(
@@ -676,18 +740,18 @@ class OmnivoxModel(nn.Module):
         load_adapter_state(adapter, load_file(adapter_file), adapter_file)
         adapter.to(device=device, dtype=dtype).eval()
         llm_ref = resolve_ref(config.llm, folder)
-        llm = load_llm(llm_ref, gguf_file=config.llm_gguf_file, dtype=dtype, device=device, quantization=quantization)
-        tok_dir = folder / "tokenizer"
-        tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, config.llm_gguf_file)
         lora_dir = folder / "lora"
         folded = None
         if config.lora is not None and merge_lora and quantization is None and lora_dir.is_dir():
-            folded = FoldedLora.load(lora_dir, llm)  # None: a LoRA feature only peft merges
-        if config.lora is not None and folded is None:
+            llm, folded = load_folded_llm(llm_ref, config.llm_gguf_file, lora_dir, lora_scale, dtype, device)
+        else:
+            llm = load_llm(llm_ref, gguf_file=config.llm_gguf_file, dtype=dtype, device=device, quantization=quantization)
+        tok_dir = folder / "tokenizer"
+        tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, config.llm_gguf_file)
+        if config.lora is not None and folded is None:  # None: not merging, or a LoRA feature only peft merges
             llm = attach_lora(llm, config, lora_dir)
         model = cls(config, encoders, adapter, llm, tokenizer, folded_lora=folded)
-        if folded is not None:
-            folded.rescale(lora_scale)
+        if folded is not None:  # already folded at lora_scale
             return model.eval()
         if config.lora is not None and lora_scale != 1.0:
             model.set_lora_scale(lora_scale)

@@ -254,3 +254,40 @@ def test_a_model_folder_sets_its_default_decoding(tiny_model_dir, tmp_path):
     (copy / "config.json").write_text(json.dumps({**data, "generation": {"num_beams": 0}}))
     with pytest.raises(CheckpointError, match="default decoding .* is invalid"):
         GenerationSettings.for_model(OmnivoxConfig.load(copy / "config.json"))
+
+
+def test_a_small_folded_llm_is_cached_once_and_reloaded(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from omnivox.adapters.lora import FoldedLora
+
+    monkeypatch.setenv("OMNIVOX_CACHE", str(tmp_path / "cache"))
+    folds = []
+    real_rescale = FoldedLora.rescale
+    monkeypatch.setattr(FoldedLora, "rescale", lambda self, scale: (folds.append(scale), real_rescale(self, scale)))
+    clip = tiny.tone_clip(2.0)
+    reference = _first_logits(OmnivoxModel.from_pretrained(tiny_model_dir, merge_lora=False), clip)
+    first = OmnivoxModel.from_pretrained(tiny_model_dir)
+    cached = sorted((tmp_path / "cache" / "llm-folded").iterdir())
+    assert len(cached) == 1 and folds == [1.0]
+    second = OmnivoxModel.from_pretrained(tiny_model_dir)
+    assert folds == [1.0]  # loaded folded, not folded again
+    for model in (first, second):
+        torch.testing.assert_close(_first_logits(model, clip), reference, rtol=1e-5, atol=1e-5)
+    half = OmnivoxModel.from_pretrained(tiny_model_dir, lora_scale=0.5)  # another scale: another copy
+    assert len(list((tmp_path / "cache" / "llm-folded").iterdir())) == 2
+    second.set_lora_scale(0.5)
+    torch.testing.assert_close(_first_logits(second, clip), _first_logits(half, clip), rtol=1e-5, atol=1e-5)
+    # another LoRA: another key; only the newest copies are kept
+    for i in range(3):
+        copy = tmp_path / f"m{i}"
+        shutil.copytree(tiny_model_dir, copy)
+        path = copy / "lora" / "adapter_model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(path)
+        save_file({k: v * (1.5 + i) for k, v in state.items()}, path)
+        OmnivoxModel.from_pretrained(copy)
+    from omnivox.agent.model import FOLDED_COPIES_KEPT
+
+    assert len(list((tmp_path / "cache" / "llm-folded").iterdir())) == FOLDED_COPIES_KEPT
