@@ -6,7 +6,11 @@ Figures (all measured in the same process, same inputs):
 - time to first token for 10 s and 30 s clips: audio tokens as configured vs all
   window tokens (SALMONN keeps every token of the padded 30 s);
 - decode tokens/s: with the KV cache vs without it;
-- peak resident memory vs the bytes of the model's parameters.
+- peak resident memory vs the bytes of the model's parameters;
+- model load, from a fresh Python process to a loaded model (imports included, files in the
+  OS cache), when the model folder is given: as ``from_pretrained`` loads it (a plain LoRA
+  folded without peft, the folded LLM of a small model cached) vs attaching the LoRA with
+  peft and merging it through peft.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -73,9 +79,36 @@ def _decode_rate(model: OmnivoxModel, clip_tokens: torch.Tensor, n: int, use_cac
     return (n - 1) / max(total - first, 1e-9)
 
 
+_LOAD_SCRIPT = """
+import sys, time
+start = time.perf_counter()
+import torch
+from omnivox.agent.model import OmnivoxModel
+folder, device, dtype, peft_merge = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+model = OmnivoxModel.from_pretrained(folder, device=device, dtype=getattr(torch, dtype), merge_lora=not peft_merge)
+if peft_merge and model.config.lora is not None:
+    model.merge_lora()
+print(time.perf_counter() - start)
+"""
+
+
+def _load_seconds(folder: Path, device: str, dtype: torch.dtype, peft_merge: bool) -> float:
+    """Seconds from a fresh interpreter to a loaded model (the interpreter's own start excluded)."""
+    args = [sys.executable, "-c", _LOAD_SCRIPT, str(folder), device, str(dtype).removeprefix("torch."), "1" if peft_merge else "0"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"loading {folder} in a fresh process failed: {done.stderr.strip().splitlines()[-1:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 @torch.inference_mode()
-def run_benchmark(model: OmnivoxModel, out: Path | None = None, repeats: int = 3, decode_tokens: int = 32) -> dict:
-    """Measure and print the figures; return them (and write JSON to ``out``)."""
+def run_benchmark(
+    model: OmnivoxModel, out: Path | None = None, repeats: int = 3, decode_tokens: int = 32, folder: Path | None = None
+) -> dict:
+    """Measure and print the figures; return them (and write JSON to ``out``).
+
+    ``folder``: the model folder ``model`` came from; adds the load figure.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -100,6 +133,13 @@ def run_benchmark(model: OmnivoxModel, out: Path | None = None, repeats: int = 3
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     results["peak_memory_bytes"] = {"omnivox": float(peak), "baseline": float(param_bytes), "baseline_name": "parameter bytes"}
+    if folder is not None:
+        device, dtype = str(model.device), next(model.adapter.parameters()).dtype
+        loads = {}
+        for peft_merge in (False, True):
+            _load_seconds(folder, device, dtype, peft_merge)  # warm-up: OS file cache, derived-file caches
+            loads[peft_merge] = statistics.median(_load_seconds(folder, device, dtype, peft_merge) for _ in range(repeats))
+        results["load_s"] = {"omnivox": loads[False], "baseline": loads[True], "baseline_name": "LoRA merged through peft"}
     results["_meta"] = {"threads": torch.get_num_threads(), "device": str(model.device), "dtype": str(next(model.adapter.parameters()).dtype)}
 
     table = Table(title="omnivox bench")

@@ -151,7 +151,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from omnivox.agent.bench import run_benchmark
 
     model = load_model_for_cli(args)
-    run_benchmark(model, out=Path(args.out) if args.out else None, repeats=args.repeats)
+    plain = not (args.load_in_8bit or args.load_in_4bit or args.lora_scale != 1.0)
+    folder = (Path(args.model) if args.model else default_model_dir()) if plain else None
+    run_benchmark(model, out=Path(args.out) if args.out else None, repeats=args.repeats, folder=folder)
     return 0
 
 

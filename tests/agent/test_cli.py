@@ -105,3 +105,16 @@ def test_chat_decodes_as_the_model_folder_says_unless_flags_say_otherwise(tiny_m
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--max-new-tokens", "3", "What?"]) == 0
     assert [(s.num_beams, s.max_new_tokens) for s in seen] == [(1, 5), (2, 5), (1, 3)]
     capsys.readouterr()
+
+
+def test_bench_measures_every_figure_beside_its_baseline(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", str(tiny_model_dir), "--repeats", "1", "--out", str(out)]) == 0
+    import json
+
+    results = json.loads(out.read_text())
+    figures = {k: v for k, v in results.items() if not k.startswith("_")}
+    assert set(figures) == {"encode_s_per_audio_s", "ttft_10s_audio_s", "ttft_30s_audio_s", "decode_tokens_per_s", "peak_memory_bytes", "load_s"}
+    for row in figures.values():
+        assert row["omnivox"] > 0 and row["baseline"] > 0 and row["baseline_name"]
+    assert "load_s" in capsys.readouterr().out
