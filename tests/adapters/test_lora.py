@@ -75,42 +75,31 @@ def _pair(module):
     return {f"base_model.model.{module}.lora_A.weight": torch.zeros(4, 32), f"base_model.model.{module}.lora_B.weight": torch.zeros(32, 4)}
 
 
-def test_bad_adapters_are_rejected_with_the_numbers(tmp_path):
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+BAD_WEIGHTS = {
+    "wrong shape": (lambda s: s.__setitem__(KEY, torch.zeros(4, 31)), r"lora_A \(4, 31\).*expected \(4, 32\)"),
+    "A without B": (lambda s: s.pop(KEY.replace("lora_A", "lora_B")), "has lora_A only"),
+    "unknown module": (lambda s: s.update(_pair("model.layers.7.self_attn.q_proj")), "no module 'model.layers.7"),
+    "not a LoRA key": (lambda s: s.__setitem__("base_model.model.model.norm.weight", torch.zeros(32)), "not a LoRA A/B weight"),
+    "not a Linear": (lambda s: s.update(_pair("model.norm")), "not a Linear layer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_WEIGHTS))
+def test_bad_adapter_weights_are_rejected_with_the_numbers(tmp_path, case):
+    folder, _ = _saved_lora(tmp_path)
+    change, message = BAD_WEIGHTS[case]
+    _rewrite(folder, change)
+    with pytest.raises(CheckpointError, match=message):
+        FoldedLora.load(folder, _llm(tmp_path))
+
+
+def test_unreadable_adapter_files_are_rejected(tmp_path):
     folder, _ = _saved_lora(tmp_path)
     llm = _llm(tmp_path)
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    original = load_file(folder / WEIGHTS_FILE)
-    assert key in original
-
-    _rewrite(folder, lambda s: s.__setitem__(key, torch.zeros(4, 31)))
-    with pytest.raises(CheckpointError, match=r"lora_A \(4, 31\).*expected \(4, 32\)"):
-        FoldedLora.load(folder, llm)
-
-    save_file(dict(original), folder / WEIGHTS_FILE)
-    _rewrite(folder, lambda s: s.pop(key.replace("lora_A", "lora_B")))
-    with pytest.raises(CheckpointError, match="has lora_A only"):
-        FoldedLora.load(folder, llm)
-
-    save_file(dict(original), folder / WEIGHTS_FILE)
-    _rewrite(folder, lambda s: s.update(_pair("model.layers.7.self_attn.q_proj")))
-    with pytest.raises(CheckpointError, match="no module 'model.layers.7"):
-        FoldedLora.load(folder, llm)
-
-    save_file(dict(original), folder / WEIGHTS_FILE)
-    _rewrite(folder, lambda s: s.__setitem__("base_model.model.model.norm.weight", torch.zeros(32)))
-    with pytest.raises(CheckpointError, match="not a LoRA A/B weight"):
-        FoldedLora.load(folder, llm)
-
-    save_file(dict(original), folder / WEIGHTS_FILE)
-    _rewrite(folder, lambda s: s.update(_pair("model.norm")))
-    with pytest.raises(CheckpointError, match="not a Linear layer"):
-        FoldedLora.load(folder, llm)
-
-    save_file(dict(original), folder / WEIGHTS_FILE)
     (folder / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="cannot read the LoRA weights"):
         FoldedLora.load(folder, llm)
-
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
     with pytest.raises(CheckpointError, match="r=0"):
