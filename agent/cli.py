@@ -147,6 +147,23 @@ def cmd_convert_salmonn(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from omnivox.agent.export import export_model_folder
+
+    generation = None
+    if args.generation is not None:
+        try:
+            generation = json.loads(args.generation)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"--generation: not JSON ({err})") from None
+        if not isinstance(generation, dict):
+            raise UserInputError(f"--generation: expected a JSON object, got {args.generation}")
+    print(export_model_folder(Path(args.src), Path(args.out), generation=generation))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from omnivox.agent.bench import run_benchmark
 
@@ -221,6 +238,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_eval_arguments(ev)
         ev.set_defaults(func=run_eval)
+
+    export = sub.add_parser("export", help="make a self-contained model folder from a training run's model folder")
+    export.add_argument("src", help="model folder a run wrote (runs/NAME/model)")
+    export.add_argument("--out", required=True, help="destination folder (its other files are kept)")
+    export.add_argument("--generation", help='default decoding to store, as JSON, e.g. \'{"num_beams": 1}\'')
+    export.set_defaults(func=cmd_export)
 
     bench = sub.add_parser("bench", help="measure encoding, time to first token, decode speed, memory")
     model_flags(bench)

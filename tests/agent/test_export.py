@@ -1,0 +1,52 @@
+"""omnivox export: a self-contained copy of a run's model folder."""
+
+from __future__ import annotations
+
+import json
+
+import tiny
+import torch
+
+from omnivox.agent import cli
+from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.prompts import Message
+
+
+def _logits(model, clip):
+    batch = model.build_inputs([[Message("user", "What is said?", num_audio=1)]], [[model.encode_clip(clip)]])
+    return model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits[0, -1]
+
+
+def test_export_copies_local_encoders_and_keeps_other_files(tmp_path, capsys):
+    src = tiny.make_model_folder(tmp_path / "run")  # encoders in run/parts, by absolute path
+    (src / "ctc_head.safetensors").write_bytes((src / "adapter.safetensors").read_bytes())
+    dst = tmp_path / "bundle"
+    dst.mkdir()
+    (dst / "README.md").write_text("model card")
+    rc = cli.main(["export", str(src), "--out", str(dst), "--generation", '{"num_beams": 1, "max_new_tokens": 9}'])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(dst)
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "README.md", "adapter.safetensors", "beats.pt", "config.json", "ctc_head.safetensors", "lora", "tokenizer", "whisper.pt",
+    ]
+    config = json.loads((dst / "config.json").read_text())
+    assert [e["path"] for e in config["encoders"]] == ["whisper.pt", "beats.pt"]
+    assert config["generation"] == {"num_beams": 1, "max_new_tokens": 9}
+    assert json.loads((dst / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == config["llm"]
+    clip = tiny.tone_clip(2.0)
+    expected = _logits(OmnivoxModel.from_pretrained(src), clip)
+    for name in ("whisper.pt", "beats.pt"):  # the encoder files it came from can go: the bundle has its own
+        (tmp_path / "run" / "parts" / name).unlink()
+    bundled = OmnivoxModel.from_pretrained(dst)
+    assert GenerationSettings.for_model(bundled.config) == GenerationSettings.greedy(max_new_tokens=9)
+    torch.testing.assert_close(_logits(bundled, clip), expected, rtol=0, atol=0)
+
+
+def test_export_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    assert cli.main(["export", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--generation", "[1]"]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+    assert cli.main(["export", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--generation", '{"beams": 2}']) == 2
+    assert "unknown setting 'beams'" in capsys.readouterr().err
+    assert cli.main(["export", str(tiny_model_dir), "--out", str(tiny_model_dir)]) == 2
+    assert "same folder" in capsys.readouterr().err
