@@ -34,13 +34,18 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+def model_folder(args: argparse.Namespace) -> Path:
+    """``--model``, or the bundled default."""
+    return Path(args.model) if args.model else default_model_dir()
+
+
 def load_model_for_cli(args: argparse.Namespace):
     """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags."""
     import torch
 
     from omnivox.agent.model import OmnivoxModel
 
-    folder = Path(args.model) if args.model else default_model_dir()
+    folder = model_folder(args)
     if not (folder / "config.json").is_file():
         hint = "" if args.model else " (no --model given and no bundled model found; pass --model DIR)"
         raise UserInputError(f"{folder}: not an omnivox model folder{hint}")
@@ -63,9 +68,7 @@ def generation_settings(args: argparse.Namespace, config):
     """The model's default decoding (``config.generation``) with the flags given on top."""
     from omnivox.agent.model import GenerationSettings
 
-    if args.greedy and args.temperature is not None:
-        raise UserInputError("--greedy and --temperature exclude each other")
-    overrides: dict = {}
+    overrides: dict = {}  # cmd_chat has rejected --greedy with --temperature
     if args.max_new_tokens is not None:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.greedy:
@@ -169,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_model_for_cli(args)
     plain = not (args.load_in_8bit or args.load_in_4bit or args.lora_scale != 1.0)
-    folder = (Path(args.model) if args.model else default_model_dir()) if plain else None
+    folder = model_folder(args) if plain else None
     run_benchmark(model, out=Path(args.out) if args.out else None, repeats=args.repeats, folder=folder)
     return 0
 

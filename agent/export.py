@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from omnivox.agent.config import OmnivoxConfig
+from omnivox.agent.model import resolve_ref
 from omnivox.encoders.base import sha256_file
 from omnivox.errors import CheckpointError, UserInputError
 
@@ -46,7 +47,7 @@ def export_model_folder(src: str | Path, dst: str | Path, *, generation: dict[st
 
     encoders = []
     for ref in config.encoders:
-        local = None if ":" in ref.path else (src / ref.path if not Path(ref.path).is_absolute() else Path(ref.path))
+        local = None if ":" in ref.path else Path(resolve_ref(ref.path, src))
         if local is not None and local.is_file():
             target = dst / local.name
             if not target.is_file() or sha256_file(target) != sha256_file(local):

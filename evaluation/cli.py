@@ -41,7 +41,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``omnivox eval``; returns the exit status. User errors raise ``UserInputError`` (the CLI prints them)."""
-    from omnivox.agent.cli import default_model_dir, load_model_for_cli
+    from omnivox.agent.cli import load_model_for_cli, model_folder
     from omnivox.agent.model import GenerationSettings
     from omnivox.evaluation.report import print_table, write_results
     from omnivox.evaluation.runner import run_selection, select, validate
@@ -59,7 +59,7 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"omnivox eval: {note}", file=sys.stderr)
         return 0
     validate(selection)  # before loading a big model
-    model_dir = Path(args.model) if args.model else default_model_dir()
+    model_dir = model_folder(args)
     model = load_model_for_cli(args)
     results = run_selection(
         model,
