@@ -1,0 +1,72 @@
+"""The assembled model on a CUDA device: the same answers as on the CPU, half precision, 8/4-bit LLMs.
+
+Marked ``gpu``: ``make test`` (``-m "not gpu"``) leaves them out; ``pytest -m gpu`` runs them where
+a CUDA device is.
+"""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+import torch.nn.functional as F
+
+from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.prompts import Message
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+GREEDY = GenerationSettings.greedy(max_new_tokens=8)
+PROMPT = "Please describe the audio."
+
+
+def _last_logits(model: OmnivoxModel, clip) -> torch.Tensor:
+    batch = model.build_inputs([[Message("user", PROMPT, num_audio=1)]], [[model.encode_clip(clip)]])
+    with torch.no_grad():
+        return model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits[0, -1].float().cpu()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny.tone_clip(2.5, 880.0, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cpu_logits(tiny_model_dir, clip):
+    return _last_logits(OmnivoxModel.from_pretrained(tiny_model_dir), clip)
+
+
+def test_cuda_fp32_gives_the_cpu_logits_and_answer(tiny_model_dir, clip, cpu_logits):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = OmnivoxModel.from_pretrained(tiny_model_dir, device="cuda")
+    assert next(gpu.llm.parameters()).device.type == "cuda"
+    assert all(p.device.type == "cuda" for p in gpu.adapter.parameters())
+    torch.testing.assert_close(_last_logits(gpu, clip), cpu_logits, rtol=1e-4, atol=1e-4)
+    conversation = [[Message("user", PROMPT, num_audio=1)]]
+    cpu = OmnivoxModel.from_pretrained(tiny_model_dir)
+    expected = cpu.generate(conversation, [[cpu.encode_clip(clip)]], GREEDY)
+    assert gpu.generate(conversation, [[gpu.encode_clip(clip)]], GREEDY) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cuda_stays_close(tiny_model_dir, clip, cpu_logits, dtype):
+    model = OmnivoxModel.from_pretrained(tiny_model_dir, device="cuda", dtype=dtype)
+    assert next(model.llm.parameters()).dtype == dtype
+    logits = _last_logits(model, clip)
+    assert torch.isfinite(logits).all()
+    similarity = F.cosine_similarity(logits, cpu_logits, dim=0).item()
+    assert similarity > 0.99, f"{dtype}: cosine {similarity:.4f} to the fp32 CPU logits"
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_quantized_llm_loads_keeps_lora_unmerged_and_answers(tiny_model_dir, clip, cpu_logits, quantization):
+    pytest.importorskip("bitsandbytes")
+    model = OmnivoxModel.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.float16, quantization=quantization)
+    assert model.folded_lora is None  # a quantized LLM keeps peft's LoRA layers: merging would round the update away
+    assert any("lora_A" in name for name, _ in model.llm.named_parameters())
+    logits = _last_logits(model, clip)
+    assert torch.isfinite(logits).all()
+    similarity = F.cosine_similarity(logits, cpu_logits, dim=0).item()
+    assert similarity > 0.9, f"{quantization}: cosine {similarity:.4f} to the fp32 CPU logits"
+    answer = model.generate([[Message("user", PROMPT, num_audio=1)]], [[model.encode_clip(clip)]], GREEDY)
+    assert len(answer) == 1 and isinstance(answer[0], str)
