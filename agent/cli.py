@@ -77,6 +77,8 @@ def generation_settings(args: argparse.Namespace, config):
         overrides.update(num_beams=1, do_sample=True, temperature=args.temperature)
     elif args.num_beams is not None:
         overrides.update(num_beams=args.num_beams, do_sample=False)
+    if args.ctc_weight is not None:
+        overrides["ctc_weight"] = args.ctc_weight
     return GenerationSettings.for_model(config, **overrides)
 
 
@@ -198,6 +200,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's, see its config.json 'generation')")
     chat.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the model's; 4 when it sets none)")
     chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's; 200 when it sets none)")
+    chat.add_argument("--ctc-weight", type=float, default=None,
+                      help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)

@@ -110,6 +110,7 @@ class AudioSettings:
 GENERATION_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": (int, float), "top_p": (int, float),
     "repetition_penalty": (int, float), "length_penalty": (int, float), "min_new_tokens": int,
+    "ctc_weight": (int, float), "ctc_candidates": int,
 }
 
 

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
 from omnivox.adapters.lora import CONFIG_FILE as LORA_CONFIG_FILE
 from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
 from omnivox.adapters.lora import FoldedLora
@@ -257,6 +258,9 @@ class GenerationSettings:
     SALMONN passes ``min_length=1``, but under transformers 4.28 its ``generate`` counts a
     leading BOS id in that length, so the end token may come first; ``min_new_tokens=0``
     reproduces that.
+
+    ``ctc_weight`` > 0 decodes transcription requests jointly with the model's CTC head, when
+    the folder has one (``agent/ctc_fusion.py``); ``ctc_candidates`` LLM tokens are rescored a step.
     """
 
     max_new_tokens: int = 200
@@ -267,6 +271,8 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     length_penalty: float = 1.0
     min_new_tokens: int = 0
+    ctc_weight: float = 0.0
+    ctc_candidates: int = 8
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -277,6 +283,10 @@ class GenerationSettings:
             raise UserInputError(f"sampling needs temperature > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.ctc_weight <= 1:
+            raise UserInputError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.ctc_candidates < 1:
+            raise UserInputError(f"ctc_candidates must be >= 1, got {self.ctc_candidates}")
 
     @classmethod
     def greedy(cls, **overrides) -> GenerationSettings:
@@ -386,6 +396,16 @@ class OmnivoxModel(nn.Module):
         self.tokenizer = tokenizer
         self.folded_lora = folded_lora
         self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
+        self._ctc_head: list[CTCHead] = []  # not a submodule: no part of the weights the trainer sees
+
+    @property
+    def ctc_head(self) -> CTCHead | None:
+        """The folder's CTC head (frozen, for joint transcription decoding), or None."""
+        return self._ctc_head[0] if self._ctc_head else None
+
+    def set_ctc_head(self, head: CTCHead | None) -> None:
+        """Use ``head`` (frozen) for joint transcription decoding; None: decode with the LLM alone."""
+        self._ctc_head = [] if head is None else [head.requires_grad_(False)]
 
     # ------------------------------------------------------------------ audio
     @property
@@ -609,6 +629,11 @@ class OmnivoxModel(nn.Module):
         )
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        fusion = self._ctc_fusion(conversations, audio, settings)
+        if fusion is not None:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([fusion])
         out = self.llm.generate(**kwargs)  # [B, new]
         if streamer is not None:
             streamer.end()
@@ -617,6 +642,21 @@ class OmnivoxModel(nn.Module):
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             results.append(row[:end])
         return results
+
+    def _ctc_fusion(self, conversations, audio, settings: GenerationSettings):
+        """The joint CTC decoder for the items that ask to transcribe one clip, or None if no item does."""
+        if settings.ctc_weight <= 0 or self.ctc_head is None:
+            return None
+        from omnivox.agent.ctc_fusion import CTCFusion, is_transcription_request
+
+        scorers = []
+        for messages, clips in zip(conversations, audio, strict=True):
+            last = messages[-1] if messages else None
+            wanted = last is not None and last.role == "user" and len(clips) == 1 and is_transcription_request(last.text)
+            scorers.append(CTCPrefixScorer(self.ctc_head.log_probs(clips[0])) if wanted else None)
+        if not any(s is not None for s in scorers):
+            return None
+        return CTCFusion(scorers, settings.ctc_weight, settings.ctc_candidates, self.processor.stop_ids, settings.num_beams)
 
     @torch.no_grad()
     def generate(
@@ -751,6 +791,7 @@ class OmnivoxModel(nn.Module):
         if config.lora is not None and folded is None:  # None: not merging, or a LoRA feature only peft merges
             llm = attach_lora(llm, config, lora_dir)
         model = cls(config, encoders, adapter, llm, tokenizer, folded_lora=folded)
+        model.set_ctc_head(load_ctc_head(folder / CTC_HEAD_FILE, llm.get_input_embeddings(), device))
         if folded is not None:  # already folded at lora_scale
             return model.eval()
         if config.lora is not None and lora_scale != 1.0:
@@ -758,6 +799,24 @@ class OmnivoxModel(nn.Module):
         if config.lora is not None and merge_lora and quantization is None:
             model.merge_lora()
         return model.eval()
+
+
+def load_ctc_head(path: Path, embedding: nn.Module, device: str | torch.device) -> CTCHead | None:
+    """The model folder's CTC head (scores audio tokens against ``embedding``), or None if it has none."""
+    if not path.is_file():
+        return None
+    head = CTCHead(embedding)
+    try:
+        state = load_file(path)
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    own = head.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes.keys() != own.keys() or any(shapes[k] != tuple(own[k].shape) for k in own):
+        expected = {k: tuple(v.shape) for k, v in own.items()}
+        raise CheckpointError(f"{path}: CTC head tensors {shapes} do not fit this LLM (expected {expected})")
+    head.load_state_dict(state)
+    return head.to(device).eval()
 
 
 def load_adapter_state(adapter: AudioAdapter, state: dict[str, torch.Tensor], source: Path | str) -> None:

@@ -34,6 +34,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together (default 8)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
     parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,7 +48,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from omnivox.evaluation.report import print_table, write_results
     from omnivox.evaluation.runner import run_selection, select, validate
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
     selection = select(
         args.suite,
         Path(args.data) if args.data else None,
@@ -61,6 +62,11 @@ def run_eval(args: argparse.Namespace) -> int:
     validate(selection)  # before loading a big model
     model_dir = model_folder(args)
     model = load_model_for_cli(args)
+    overrides = {} if args.ctc_weight is None else {"ctc_weight": args.ctc_weight}
+    # the model's own decoding defaults (what `omnivox chat` does), greedy unless --num-beams says otherwise
+    settings = GenerationSettings.for_model(
+        model.config, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False, **overrides
+    )
     results = run_selection(
         model,
         selection,

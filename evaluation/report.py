@@ -60,7 +60,8 @@ def markdown(results: EvalResults) -> str:
         f"# omnivox eval: suite `{results.suite}`, split `{results.split}`",
         "",
         f"model: `{results.model}`; data: `{results.data}`; decoding: beams {results.settings.get('num_beams')}, "
-        f"max {results.settings.get('max_new_tokens')} new tokens",
+        f"max {results.settings.get('max_new_tokens')} new tokens, CTC weight in transcripts "
+        f"{results.settings.get('ctc_weight', 0.0)}",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|",

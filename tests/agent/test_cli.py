@@ -90,7 +90,8 @@ def test_chat_decodes_as_the_model_folder_says_unless_flags_say_otherwise(tiny_m
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
     data = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**data, "generation": {"num_beams": 1, "max_new_tokens": 5}}))
+    generation = {"num_beams": 1, "max_new_tokens": 5, "ctc_weight": 0.3}
+    (copy / "config.json").write_text(json.dumps({**data, "generation": generation}))
     wav = _wav(tmp_path)
     seen = []
     real = OmnivoxModel.generate
@@ -103,7 +104,8 @@ def test_chat_decodes_as_the_model_folder_says_unless_flags_say_otherwise(tiny_m
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "What?"]) == 0
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--num-beams", "2", "What?"]) == 0
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--max-new-tokens", "3", "What?"]) == 0
-    assert [(s.num_beams, s.max_new_tokens) for s in seen] == [(1, 5), (2, 5), (1, 3)]
+    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--ctc-weight", "0", "What?"]) == 0
+    assert [(s.num_beams, s.max_new_tokens, s.ctc_weight) for s in seen] == [(1, 5, 0.3), (2, 5, 0.3), (1, 3, 0.3), (1, 5, 0.0)]
     capsys.readouterr()
 
 

@@ -159,6 +159,7 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"suite", "split", "model", "settings", "metrics", "overall", "confusion", "notes", "items"}
     assert res["settings"]["num_beams"] == 1 and res["settings"]["max_new_tokens"] == 4
+    assert res["settings"]["ctc_weight"] == 0.0  # the model's default: the tiny folder sets none
     # 8 content answers (one classification in JSON), 2 format checks, 2 dialogue turns
     assert len(res["items"]) == 12
     assert {r["group"] for r in res["items"]} >= {"format_json", "format_list", "multi_turn/turn 1", "multi_turn/turn 2"}
@@ -183,6 +184,7 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
         row, col = conf["labels"].index(r["details"]["reference_label"]), conf["labels"].index(r["details"]["predicted_label"])
         assert conf["matrix"][row][col] >= 1
     md = (out / "results.md").read_text()
+    assert "CTC weight in transcripts 0.0" in md
     for name in res["metrics"]:
         assert f"| {name} |" in md
 
