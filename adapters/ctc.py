@@ -19,7 +19,7 @@ not part of the SALMONN format and are kept next to the model as ``ctc_head.safe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +110,21 @@ class CTCHead(nn.Module):
         """[N, H] -> [N, V + 1] float32 log-probabilities over the whole vocabulary, blank last."""
         return self.logits(tokens).float().log_softmax(-1)
 
+    @torch.no_grad()
+    def scorer(self, tokens: torch.Tensor, chunk: int = 256) -> CTCPrefixScorer:
+        """The prefix scorer of one clip's audio tokens [N, H], holding O(N) numbers, not O(N V)."""
+        tokens = tokens.detach()
+        norms = torch.cat([self.logits(part).float().logsumexp(-1) for part in tokens.split(chunk)])  # [N]
+        scale = self.log_scale.exp().to(tokens.dtype)
+        table = self._embedding[0].weight.detach()
+        blank = (scale * tokens @ self.blank.to(tokens.dtype)).float() - norms
+
+        def columns(ids: np.ndarray) -> np.ndarray:
+            rows = table[torch.as_tensor(ids, device=table.device)].to(tokens.dtype)
+            return ((scale * tokens @ rows.T).float() - norms[:, None]).cpu().numpy()
+
+        return CTCPrefixScorer.from_columns(blank.cpu().numpy(), self.vocab_size, columns)
+
 
 @dataclass(frozen=True)
 class PrefixState:
@@ -126,23 +141,35 @@ class CTCPrefixScorer:
 
     Args:
         log_probs: [T, V + 1] log-probabilities of the clip's T audio tokens, blank last.
+
+    :meth:`CTCHead.scorer` builds one without the [T, V + 1] table (for long clips it would
+    take gigabytes): it keeps the audio tokens and computes a candidate's column when asked.
     """
 
     def __init__(self, log_probs: torch.Tensor | np.ndarray) -> None:
         lp = np.asarray(log_probs.detach().cpu() if isinstance(log_probs, torch.Tensor) else log_probs, np.float32)
         if lp.ndim != 2 or lp.shape[0] < 1 or lp.shape[1] < 2:
             raise ValueError(f"CTC log-probabilities must be [T >= 1, V + 1 >= 2], got {tuple(lp.shape)}")
-        self.log_probs = lp
-        self.blank = lp.shape[1] - 1
-        self.vocab_size = self.blank
+        self.vocab_size = lp.shape[1] - 1
+        self.num_frames = lp.shape[0]
+        self.blank_log_probs = lp[:, -1]
+        self._columns: Callable[[np.ndarray], np.ndarray] = lambda ids: lp[:, ids]
 
-    @property
-    def num_frames(self) -> int:
-        return self.log_probs.shape[0]
+    @classmethod
+    def from_columns(
+        cls, blank_log_probs: np.ndarray, vocab_size: int, columns: Callable[[np.ndarray], np.ndarray]
+    ) -> CTCPrefixScorer:
+        """A scorer whose label columns come from ``columns(ids) -> [T, len(ids)]`` log-probabilities."""
+        scorer = cls.__new__(cls)
+        scorer.blank_log_probs = np.asarray(blank_log_probs, np.float32)
+        scorer.num_frames = int(scorer.blank_log_probs.shape[0])
+        scorer.vocab_size = int(vocab_size)
+        scorer._columns = columns
+        return scorer
 
     def initial(self) -> PrefixState:
         """The empty prefix: every frame so far blank; its prefix score is log 1."""
-        r_b = np.cumsum(self.log_probs[:, self.blank], dtype=np.float32)
+        r_b = np.cumsum(self.blank_log_probs, dtype=np.float32)
         return PrefixState(np.full(self.num_frames, -np.inf, np.float32), r_b, 0.0)
 
     def final_score(self, state: PrefixState) -> float:
@@ -157,8 +184,9 @@ class CTCPrefixScorer:
         cands = np.asarray(candidates, dtype=np.int64)
         inside = (cands >= 0) & (cands < self.vocab_size)
         lp = np.full((self.num_frames, len(cands)), -np.inf, np.float32)
-        lp[:, inside] = self.log_probs[:, cands[inside]]
-        blank = self.log_probs[:, self.blank]
+        if inside.any():
+            lp[:, inside] = self._columns(cands[inside])
+        blank = self.blank_log_probs
         # phi[t]: the prefix read by frame t, in a way that the next frame may start a new label
         # c (a repeated label needs a blank in between, so only r_b counts for c == last)
         phi = np.repeat(np.logaddexp(state.r_n, state.r_b)[:, None], len(cands), axis=1)

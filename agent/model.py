@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
+from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead
 from omnivox.adapters.lora import CONFIG_FILE as LORA_CONFIG_FILE
 from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
 from omnivox.adapters.lora import FoldedLora
@@ -653,7 +653,7 @@ class OmnivoxModel(nn.Module):
         for messages, clips in zip(conversations, audio, strict=True):
             last = messages[-1] if messages else None
             wanted = last is not None and last.role == "user" and len(clips) == 1 and is_transcription_request(last.text)
-            scorers.append(CTCPrefixScorer(self.ctc_head.log_probs(clips[0])) if wanted else None)
+            scorers.append(self.ctc_head.scorer(clips[0]) if wanted else None)
         if not any(s is not None for s in scorers):
             return None
         return CTCFusion(scorers, settings.ctc_weight, settings.ctc_candidates, self.processor.stop_ids, settings.num_beams)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omnivox.adapters.ctc import CTCPrefixScorer
+from omnivox.adapters.ctc import CTCHead, CTCPrefixScorer
 
 
 def _random_log_probs(frames: int, labels: int, seed: int) -> np.ndarray:
@@ -83,3 +83,19 @@ def test_labels_outside_the_vocabulary_and_bad_shapes():
     assert all(s.score == -np.inf for s in outside)
     with pytest.raises(ValueError, match=r"\[T >= 1, V \+ 1 >= 2\], got \(3,\)"):
         CTCPrefixScorer(np.zeros(3))
+
+
+def test_the_heads_column_scorer_equals_the_full_table():
+    torch.manual_seed(0)
+    head = CTCHead(torch.nn.Embedding(50, 8))
+    with torch.no_grad():
+        head.blank.normal_()
+        head.log_scale.fill_(0.7)
+    tokens = torch.randn(30, 8)
+    lazy, full = head.scorer(tokens, chunk=7), CTCPrefixScorer(head.log_probs(tokens))
+    a, b = lazy.initial(), full.initial()
+    np.testing.assert_allclose(a.r_b, b.r_b, rtol=1e-5)
+    for last, label in [(None, 3), (3, 3), (3, 41), (41, 0)]:
+        a, b = lazy.extend(a, last, [label, 7, 49])[0], full.extend(b, last, [label, 7, 49])[0]
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+    assert lazy.final_score(a) == pytest.approx(full.final_score(b), abs=1e-4)
