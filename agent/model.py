@@ -735,7 +735,7 @@ class OmnivoxModel(nn.Module):
 
     # -------------------------------------------------------------- save/load
     def save_pretrained(self, folder: str | Path) -> Path:
-        """Write config.json, adapter.safetensors, lora/ and tokenizer/ to ``folder``."""
+        """Write config.json, adapter.safetensors, lora/, tokenizer/ (and the CTC head, if any) to ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.config.save(folder / "config.json")
@@ -746,6 +746,9 @@ class OmnivoxModel(nn.Module):
         elif self.config.lora is not None:
             self.llm.save_pretrained(folder / "lora")
         self.tokenizer.save_pretrained(folder / "tokenizer")
+        if self.ctc_head is not None:
+            head = {k: v.detach().contiguous().cpu() for k, v in self.ctc_head.state_dict().items()}
+            save_file(head, folder / CTC_HEAD_FILE)
         return folder
 
     @classmethod

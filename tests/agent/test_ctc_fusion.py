@@ -112,6 +112,10 @@ def test_the_model_fuses_transcription_requests_only(ctc_model_dir):
     assert singles == fused  # a batch decodes each item as alone
     beams = _ask(model, prompts[:1], clips[:1], GenerationSettings(num_beams=3, max_new_tokens=10, ctc_weight=0.7))
     assert len(beams) == 1 and isinstance(beams[0], str)
+    copy = model.save_pretrained(ctc_model_dir.parent / "copy")  # the head travels with the folder
+    assert OmnivoxModel.from_pretrained(copy).generate(
+        [[Message("user", prompts[0], num_audio=1)]], [[model.encode_clip(clips[0])]], GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7)
+    ) == fused[:1]
     model.set_ctc_head(None)
     assert _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7)) == plain
 
