@@ -70,3 +70,28 @@ def test_quantized_llm_loads_keeps_lora_unmerged_and_answers(tiny_model_dir, cli
     assert similarity > 0.9, f"{quantization}: cosine {similarity:.4f} to the fp32 CPU logits"
     answer = model.generate([[Message("user", PROMPT, num_audio=1)]], [[model.encode_clip(clip)]], GREEDY)
     assert len(answer) == 1 and isinstance(answer[0], str)
+
+
+def test_joint_ctc_decoding_on_cuda_gives_the_cpu_transcript(tiny_model_dir, clip, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead
+
+    folder = tmp_path / "with_ctc"
+    shutil.copytree(tiny_model_dir, folder)
+    cpu = OmnivoxModel.from_pretrained(folder)
+    head = CTCHead(cpu.llm.get_input_embeddings())
+    with torch.no_grad():
+        head.blank.normal_(generator=torch.Generator().manual_seed(1))
+        head.log_scale.fill_(1.5)
+    save_file({k: v.detach() for k, v in head.state_dict().items()}, folder / CTC_HEAD_FILE)
+    settings = GenerationSettings.greedy(max_new_tokens=8, ctc_weight=0.6)
+    conversation = [[Message("user", "Transcribe the speech.", num_audio=1)]]
+    answers = []
+    for device in ("cpu", "cuda"):
+        model = OmnivoxModel.from_pretrained(folder, device=device)
+        assert model.ctc_head is not None and model.ctc_head.blank.device.type == device
+        answers.append(model.generate(conversation, [[model.encode_clip(clip)]], settings))
+    assert answers[0] == answers[1]
