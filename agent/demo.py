@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         with console.status(f"Loading {folder} ..."):
             model = OmnivoxModel.from_pretrained(folder)
         console.print(f"[dim]loaded {folder} in {time.perf_counter() - start:.1f} s[/dim]")
-        settings = GenerationSettings.greedy(max_new_tokens=64)
+        settings = GenerationSettings.for_model(model.config, max_new_tokens=64)  # as `omnivox chat` decodes
         for path, questions, source in _examples():
             clip = load_audio(path)
             console.rule(f"{path.name}  ({clip.duration:.1f} s)")
