@@ -6,6 +6,7 @@ import json
 
 import tiny
 import torch
+from safetensors.torch import save_file
 
 from omnivox.agent import cli
 from omnivox.agent.model import GenerationSettings, OmnivoxModel
@@ -19,7 +20,7 @@ def _logits(model, clip):
 
 def test_export_copies_local_encoders_and_keeps_other_files(tmp_path, capsys):
     src = tiny.make_model_folder(tmp_path / "run")  # encoders in run/parts, by absolute path
-    (src / "ctc_head.safetensors").write_bytes((src / "adapter.safetensors").read_bytes())
+    save_file({"blank": torch.randn(32), "log_scale": torch.zeros(())}, src / "ctc_head.safetensors")  # tiny LLM: 32 wide
     dst = tmp_path / "bundle"
     dst.mkdir()
     (dst / "README.md").write_text("model card")
@@ -39,6 +40,7 @@ def test_export_copies_local_encoders_and_keeps_other_files(tmp_path, capsys):
     bundled = OmnivoxModel.from_pretrained(dst)
     assert GenerationSettings.for_model(bundled.config) == GenerationSettings.greedy(max_new_tokens=9)
     torch.testing.assert_close(_logits(bundled, clip), expected, rtol=0, atol=0)
+    assert bundled.ctc_head is not None  # the CTC head came along (joint transcript decoding)
 
 
 def test_export_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
