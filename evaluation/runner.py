@@ -380,10 +380,11 @@ def run_selection(
     seed: int = 0,
     progress: bool = True,
 ) -> EvalResults:
-    """Generate, score and aggregate; greedy decoding with 64 new tokens unless ``settings`` says otherwise."""
+    """Generate, score and aggregate; unless ``settings`` says otherwise, the model's own decoding
+    (joint CTC transcripts included) made greedy, with 64 new tokens, as ``omnivox eval`` does."""
     from omnivox.agent.model import GenerationSettings
 
-    settings = settings or GenerationSettings.greedy(max_new_tokens=64)
+    settings = settings or GenerationSettings.for_model(model.config, max_new_tokens=64, num_beams=1, do_sample=False)
     labels = validate(selection)
     torch.manual_seed(seed)
     answers = generate_answers(model, selection.items, selection.turns, settings, batch_size, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,6 +59,7 @@ class ScriptedModel:
 
     def __init__(self) -> None:
         self.batches: list[list[list[Message]]] = []
+        self.config = SimpleNamespace(generation={})  # no default decoding of its own
 
     def encode_clip(self, samples) -> torch.Tensor:
         return torch.zeros(3, 4)  # [N, H]
