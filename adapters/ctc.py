@@ -115,15 +115,14 @@ class CTCHead(nn.Module):
         """The prefix scorer of one clip's audio tokens [N, H], holding O(N) numbers, not O(N V)."""
         tokens = tokens.detach()
         norms = torch.cat([self.logits(part).float().logsumexp(-1) for part in tokens.split(chunk)])  # [N]
-        scale = self.log_scale.exp().to(tokens.dtype)
-        table = self._embedding[0].weight.detach()
-        blank = (scale * tokens @ self.blank.to(tokens.dtype)).float() - norms
+        device = self._embedding[0].weight.device
 
-        def columns(ids: np.ndarray) -> np.ndarray:
-            rows = table[torch.as_tensor(ids, device=table.device)].to(tokens.dtype)
-            return ((scale * tokens @ rows.T).float() - norms[:, None]).cpu().numpy()
+        @torch.no_grad()  # called later, while decoding
+        def scores(ids) -> torch.Tensor:  # [N, len(ids) + 1] log-probabilities, blank last
+            return self.logits(tokens, torch.as_tensor(ids, dtype=torch.long, device=device)).float() - norms[:, None]
 
-        return CTCPrefixScorer.from_columns(blank.cpu().numpy(), self.vocab_size, columns)
+        blank = scores([])[:, -1].cpu().numpy()
+        return CTCPrefixScorer.from_columns(blank, self.vocab_size, lambda ids: scores(ids)[:, :-1].cpu().numpy())
 
 
 @dataclass(frozen=True)

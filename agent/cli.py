@@ -64,11 +64,16 @@ def load_model_for_cli(args: argparse.Namespace):
         )
 
 
-def generation_settings(args: argparse.Namespace, config):
-    """The model's default decoding (``config.generation``) with the flags given on top."""
+def generation_overrides(args: argparse.Namespace) -> dict:
+    """The decoding flags given, checked (so that bad values fail before a big model loads).
+
+    The model's default decoding (``GenerationSettings.for_model(config, **overrides)``) applies under them.
+    """
     from omnivox.agent.model import GenerationSettings
 
-    overrides: dict = {}  # cmd_chat has rejected --greedy with --temperature
+    if args.greedy and args.temperature is not None:
+        raise UserInputError("--greedy and --temperature exclude each other")
+    overrides: dict = {}
     if args.max_new_tokens is not None:
         overrides["max_new_tokens"] = args.max_new_tokens
     if args.greedy:
@@ -79,18 +84,19 @@ def generation_settings(args: argparse.Namespace, config):
         overrides.update(num_beams=args.num_beams, do_sample=False)
     if args.ctc_weight is not None:
         overrides["ctc_weight"] = args.ctc_weight
-    return GenerationSettings.for_model(config, **overrides)
+    GenerationSettings(**overrides)  # raises UserInputError naming the bad value
+    return overrides
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from omnivox.agent.audio import load_audio
     from omnivox.agent.chat import ChatSession
+    from omnivox.agent.model import GenerationSettings
 
-    if args.greedy and args.temperature is not None:  # before loading a big model
-        raise UserInputError("--greedy and --temperature exclude each other")
-    clips = [load_audio(path) for path in args.audio]  # validate audio before loading a big model
+    overrides = generation_overrides(args)  # flags and audio are checked before loading a big model
+    clips = [load_audio(path) for path in args.audio]
     model = load_model_for_cli(args)
-    settings = generation_settings(args, model.config)
+    settings = GenerationSettings.for_model(model.config, **overrides)
     session = ChatSession(model, settings)
     for clip in clips:
         session.add_audio(clip.samples)

@@ -60,13 +60,14 @@ def run_eval(args: argparse.Namespace) -> int:
             print(f"omnivox eval: {note}", file=sys.stderr)
         return 0
     validate(selection)  # before loading a big model
+    # the model's own decoding defaults (what `omnivox chat` does), greedy unless --num-beams says otherwise
+    overrides = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
+    if args.ctc_weight is not None:
+        overrides["ctc_weight"] = args.ctc_weight
+    GenerationSettings(**overrides)  # bad flags fail here, not after a big model has loaded
     model_dir = model_folder(args)
     model = load_model_for_cli(args)
-    overrides = {} if args.ctc_weight is None else {"ctc_weight": args.ctc_weight}
-    # the model's own decoding defaults (what `omnivox chat` does), greedy unless --num-beams says otherwise
-    settings = GenerationSettings.for_model(
-        model.config, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False, **overrides
-    )
+    settings = GenerationSettings.for_model(model.config, **overrides)
     results = run_selection(
         model,
         selection,
