@@ -175,6 +175,14 @@ class CTCPrefixScorer:
         """Log-probability that the whole clip reads exactly this prefix (the score of stopping)."""
         return float(np.logaddexp(state.r_n[-1], state.r_b[-1]))
 
+    def sequence_score(self, ids: Sequence[int]) -> float:
+        """Log-probability that the whole clip reads exactly ``ids`` (CTC's sequence score)."""
+        state, last = self.initial(), None
+        for token in ids:
+            state = self.extend(state, last, [int(token)])[0]
+            last = int(token)
+        return self.final_score(state)
+
     def extend(self, state: PrefixState, last: int | None, candidates: Sequence[int]) -> list[PrefixState]:
         """The states of ``prefix + c`` for each candidate id ``c`` (``last``: the prefix's last id, None if empty).
 

@@ -6,6 +6,9 @@ Figures (all measured in the same process, same inputs):
 - time to first token for 10 s and 30 s clips: audio tokens as configured vs all
   window tokens (SALMONN keeps every token of the padded 30 s);
 - decode tokens/s: with the KV cache vs without it;
+- for a folder with a Whisper transcriber: a whole "Transcribe the speech." answer for a 10 s
+  clip (the model's decoding, greedy), with the transcriber vs the LLM alone (its answer is
+  one of the transcriber's candidates, so the difference is what the transcriber costs);
 - peak resident memory vs the bytes of the model's parameters;
 - model load, from a fresh Python process to a loaded model (imports included, files in the
   OS cache), when the model folder is given: as ``from_pretrained`` loads it (a plain LoRA
@@ -27,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnivox.agent.model import OmnivoxModel
+from omnivox.agent.model import GenerationSettings, OmnivoxModel
 from omnivox.prompts import Message
 
 
@@ -129,6 +132,14 @@ def run_benchmark(
     cached = statistics.median(_decode_rate(model, tokens, decode_tokens, True) for _ in range(repeats))
     uncached = statistics.median(_decode_rate(model, tokens, decode_tokens, False) for _ in range(repeats))
     results["decode_tokens_per_s"] = {"omnivox": cached, "baseline": uncached, "baseline_name": "no KV cache"}
+
+    if model.transcriber is not None:
+        clip = _test_audio(10.0, seed=3)
+        on = GenerationSettings.for_model(model.config, num_beams=1, do_sample=False, max_new_tokens=64)
+        off = replace(on, use_transcriber=False)
+        with_t = _timed(lambda: model.chat("Transcribe the speech.", [clip], on), repeats)
+        alone = _timed(lambda: model.chat("Transcribe the speech.", [clip], off), repeats)
+        results["transcribe_10s_s"] = {"omnivox": with_t, "baseline": alone, "baseline_name": "LLM alone"}
 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -84,6 +84,8 @@ def generation_overrides(args: argparse.Namespace) -> dict:
         overrides.update(num_beams=args.num_beams, do_sample=False)
     if args.ctc_weight is not None:
         overrides["ctc_weight"] = args.ctc_weight
+    if args.no_transcriber:
+        overrides["use_transcriber"] = False
     GenerationSettings(**overrides)  # raises UserInputError naming the bad value
     return overrides
 
@@ -208,6 +210,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's; 200 when it sets none)")
     chat.add_argument("--ctc-weight", type=float, default=None,
                       help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
+    chat.add_argument("--no-transcriber", action="store_true",
+                      help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)

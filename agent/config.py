@@ -106,11 +106,47 @@ class AudioSettings:
             raise CheckpointError(f"windows_per_batch must be >= 1, got {self.windows_per_batch}")
 
 
+@dataclass(frozen=True)
+class TranscriberSettings:
+    """Whisper's own decoder answering transcription requests (``encoders/whisper_decoder.py``).
+
+    For a request to transcribe one clip of at most 30 s, Whisper's ``beam_size`` best
+    transcripts and the LLM's own answer are the candidates; the answer is the one with the
+    highest ``whisper_weight * log p_Whisper + llm_weight * log p_LLM + ctc_weight * log p_CTC``
+    (each the log-probability of the whole text given the audio; the CTC term needs the folder's
+    CTC head). Longer clips get Whisper's long-form transcript.
+
+    Attributes:
+        path: an openai-whisper checkpoint: a ``.pt`` file with ``dims``, an official name, or
+            ``ct2-whisper:REF`` (relative paths are relative to the model folder).
+        beam_size: Whisper's beam, and how many of its transcripts are candidates.
+        whisper_weight, llm_weight, ctc_weight: the weights of the three scores (>= 0).
+    """
+
+    path: str
+    beam_size: int = 5
+    whisper_weight: float = 1.0
+    llm_weight: float = 0.0
+    ctc_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise CheckpointError(f"transcriber: path must name a Whisper checkpoint, got {self.path!r}")
+        if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= 32:
+            raise CheckpointError(f"transcriber: beam_size must be an integer in [1, 32], got {self.beam_size!r}")
+        weights = {"whisper_weight": self.whisper_weight, "llm_weight": self.llm_weight, "ctc_weight": self.ctc_weight}
+        for name, value in weights.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise CheckpointError(f"transcriber: {name} must be a number >= 0, got {value!r}")
+        if not any(weights.values()):
+            raise CheckpointError("transcriber: at least one of whisper_weight, llm_weight, ctc_weight must be > 0")
+
+
 # Decoding settings a model folder may set as its defaults (``GenerationSettings`` fields) and their types.
 GENERATION_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": (int, float), "top_p": (int, float),
     "repetition_penalty": (int, float), "length_penalty": (int, float), "min_new_tokens": int,
-    "ctc_weight": (int, float), "ctc_candidates": int,
+    "ctc_weight": (int, float), "ctc_candidates": int, "use_transcriber": bool,
 }
 
 
@@ -126,6 +162,7 @@ class OmnivoxConfig:
         prompt_style: name in ``omnivox.prompts.PROMPT_STYLES``.
         audio: windowing of the audio.
         llm_gguf_file: file name inside ``llm`` when the LLM is a GGUF file.
+        transcriber: Whisper's own decoder for transcription requests, or None (the LLM answers).
         generation: the model's default decoding, as ``GenerationSettings`` fields (e.g.
             ``{"num_beams": 1}`` for a small model that beam search makes terse); empty:
             SALMONN's beam 4. What a caller passes overrides it.
@@ -140,6 +177,7 @@ class OmnivoxConfig:
     audio: AudioSettings = field(default_factory=AudioSettings)
     llm_gguf_file: str | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    transcriber: TranscriberSettings | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -152,6 +190,8 @@ class OmnivoxConfig:
             if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
                 wanted = kind.__name__ if isinstance(kind, type) else "a number"
                 raise CheckpointError(f"generation: {key} must be {wanted}, got {value!r}")
+        if self.transcriber is not None and not isinstance(self.transcriber, TranscriberSettings):
+            raise CheckpointError(f"transcriber must be TranscriberSettings or None, got {type(self.transcriber).__name__}")
         if not self.encoders:
             raise CheckpointError("a model needs at least one audio encoder")
         if len(self.encoders) != len(self.qformer.encoder_dims):
@@ -188,6 +228,7 @@ class OmnivoxConfig:
                 audio=AudioSettings(**data.get("audio", {})),
                 llm_gguf_file=data.get("llm_gguf_file"),
                 generation=data.get("generation", {}),
+                transcriber=_transcriber(data.get("transcriber")),
                 format_version=data.get("format_version", FORMAT_VERSION),
             )
         except KeyError as err:
@@ -207,3 +248,17 @@ class OmnivoxConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data)
+
+
+def _transcriber(data: Any) -> TranscriberSettings | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"transcriber must be an object (or null), got {type(data).__name__}")
+    known = {f.name for f in fields(TranscriberSettings)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"transcriber: unknown fields {unknown}; known: {sorted(known)}")
+    if "path" not in data:
+        raise CheckpointError("transcriber: the field 'path' is missing")
+    return TranscriberSettings(**data)

@@ -44,9 +44,22 @@ _OTHER_ANSWER = re.compile(
 )
 
 
+# "Reply in JSON as {"text": "..."}" and the like: the words alone, wrapped in a JSON object
+_JSON_WRAP = re.compile(r"\b(reply|answer|respond|return|format|output)?\s*(in|as)\s+json\b[^.?!]*", re.IGNORECASE)
+
+
 def is_transcription_request(text: str) -> bool:
     """True for an instruction that asks for the spoken words alone ("Transcribe the speech.", "What is said?")."""
     return bool(_TRANSCRIBE.search(text)) and not _OTHER_ANSWER.search(text)
+
+
+def is_json_transcription_request(text: str) -> bool:
+    """True for a transcription request whose answer is to be a JSON object
+    ('What is said? Reply in JSON as {"text": "..."}.')."""
+    if not _JSON_WRAP.search(text):
+        return False
+    rest = _JSON_WRAP.sub(" ", re.sub(r"\{[^{}]*\}", " ", text))  # without the JSON clause and its example
+    return is_transcription_request(rest) and "json" not in rest.lower()
 
 
 class CTCFusion(LogitsProcessor):

@@ -17,14 +17,17 @@ time, and the audio tokens of all windows are given to the LLM in order.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
+import re
 import shutil
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -37,11 +40,14 @@ from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
 from omnivox.adapters.lora import FoldedLora
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
-from omnivox.agent.config import EncoderRef, OmnivoxConfig
+from omnivox.agent.config import EncoderRef, OmnivoxConfig, TranscriberSettings
 from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message, get_prompt_style
+
+if TYPE_CHECKING:
+    from omnivox.encoders.whisper_decoder import WhisperTranscriber
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +267,8 @@ class GenerationSettings:
 
     ``ctc_weight`` > 0 decodes transcription requests jointly with the model's CTC head, when
     the folder has one (``agent/ctc_fusion.py``); ``ctc_candidates`` LLM tokens are rescored a step.
+    ``use_transcriber`` lets the folder's Whisper transcriber answer transcription requests, when
+    it has one (``TranscriberSettings``); False: the LLM answers them like any other request.
     """
 
     max_new_tokens: int = 200
@@ -273,6 +281,7 @@ class GenerationSettings:
     min_new_tokens: int = 0
     ctc_weight: float = 0.0
     ctc_candidates: int = 8
+    use_transcriber: bool = True
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -397,6 +406,10 @@ class OmnivoxModel(nn.Module):
         self.folded_lora = folded_lora
         self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
         self._ctc_head: list[CTCHead] = []  # not a submodule: no part of the weights the trainer sees
+        self._transcriber: list[WhisperTranscriber] = []  # frozen, not a submodule either
+        # id(tokens) -> (tokens, the samples they were encoded from), for the transcriber; an entry
+        # goes when its tokens do (tensors compare elementwise, so no WeakKeyDictionary)
+        self._clip_samples: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
     @property
     def ctc_head(self) -> CTCHead | None:
@@ -406,6 +419,17 @@ class OmnivoxModel(nn.Module):
     def set_ctc_head(self, head: CTCHead | None) -> None:
         """Use ``head`` (frozen) for joint transcription decoding; None: decode with the LLM alone."""
         self._ctc_head = [] if head is None else [head.requires_grad_(False)]
+
+    @property
+    def transcriber(self) -> WhisperTranscriber | None:
+        """The folder's Whisper transcriber (``config.transcriber``), or None."""
+        return self._transcriber[0] if self._transcriber else None
+
+    def set_transcriber(self, transcriber: WhisperTranscriber | None) -> None:
+        """Answer transcription requests with ``transcriber`` as ``config.transcriber`` says; None: the LLM does."""
+        if transcriber is not None and self.config.transcriber is None:
+            raise ValueError("config.transcriber is None: it holds the weights that combine the transcriber's scores")
+        self._transcriber = [] if transcriber is None else [transcriber]
 
     # ------------------------------------------------------------------ audio
     @property
@@ -455,7 +479,11 @@ class OmnivoxModel(nn.Module):
         Windows are encoded ``windows_per_batch`` at a time, so encoder memory does not grow
         with the length of the audio. Same as ``audio_tokens(encode_clip_features(samples))``.
         """
-        return self.audio_tokens(self.encode_clip_features(samples))
+        tokens = self.audio_tokens(self.encode_clip_features(samples))
+        if self.transcriber is not None:
+            self._clip_samples[id(tokens)] = (weakref.ref(tokens), np.asarray(samples, dtype=np.float32).reshape(-1))
+            weakref.finalize(tokens, self._clip_samples.pop, id(tokens), None)
+        return tokens
 
     @torch.no_grad()
     def encode_clip_features(self, samples: np.ndarray | torch.Tensor) -> list[WindowFeatures]:
@@ -612,6 +640,9 @@ class OmnivoxModel(nn.Module):
                 raise UserInputError("streaming needs a batch of one and num_beams 1")
             streamer = _CallbackStreamer(self.tokenizer, on_text, self.processor.stop_ids).streamer
         stop = self.processor.stop_ids
+        transcribe = self._transcription_items(conversations, audio, settings)
+        if transcribe and streamer is not None:
+            streamer = None  # the answer is chosen once the LLM's is complete: sent whole below
         kwargs = dict(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
@@ -641,7 +672,84 @@ class OmnivoxModel(nn.Module):
         for row in out.tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             results.append(row[:end])
+        for item, (samples, key) in transcribe.items():
+            text = self._transcribe(conversations[item], audio[item][0], samples, self.decode(results[item]), key)
+            results[item] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [stop[0]]
+            if on_text is not None:
+                on_text(text)
         return results
+
+    def _transcription_items(
+        self, conversations, audio, settings: GenerationSettings
+    ) -> dict[int, tuple[np.ndarray, str | None]]:
+        """The items the transcriber answers (a request to transcribe one clip encoded by
+        :meth:`encode_clip` in this process, the words alone or as a JSON object), with that
+        clip's samples and, for JSON, the key the instruction names (default "text")."""
+        if self.transcriber is None or not settings.use_transcriber:
+            return {}
+        from omnivox.agent.ctc_fusion import is_json_transcription_request, is_transcription_request
+
+        items = {}
+        for i, (messages, clips) in enumerate(zip(conversations, audio, strict=True)):
+            last = messages[-1] if messages else None
+            if last is None or last.role != "user" or len(clips) != 1:
+                continue
+            if is_transcription_request(last.text):
+                key = None
+            elif is_json_transcription_request(last.text):
+                named = re.search(r'\{\s*"([^"]+)"\s*:', last.text)
+                key = named.group(1) if named else "text"
+            else:
+                continue
+            ref, samples = self._clip_samples.get(id(clips[0]), (None, None))
+            if ref is None or ref() is not clips[0]:
+                log.debug("item %d asks for a transcript, but its audio tokens were not made by encode_clip", i)
+                continue
+            items[i] = (samples, key)
+        return items
+
+    def _transcribe(
+        self, messages: list[Message], clip: torch.Tensor, samples: np.ndarray, llm_answer: str, key: str | None
+    ) -> str:
+        """The transcript of one clip: Whisper's best candidates and the LLM's answer, scored (``TranscriberSettings``).
+
+        Args:
+            messages: the conversation (for the LLM's score).
+            clip: [N, H] the clip's audio tokens.
+            samples: [S] its 16 kHz samples.
+            llm_answer: what the LLM answered.
+            key: None for the words alone; else the answer is ``{key: words}`` as JSON (the LLM's
+                own words are its answer's value, when it answered such an object).
+        """
+        import whisper
+
+        transcriber, weights = self.transcriber, self.config.transcriber
+        own = llm_answer.strip()
+        if key is not None:
+            own, key = _json_value(own, key)
+
+        def answer(text: str) -> str:
+            return text if key is None else json.dumps({key: text}, ensure_ascii=False)
+
+        if samples.shape[0] > whisper.audio.N_SAMPLES:
+            return answer(transcriber.transcribe_long(samples))
+        features = transcriber.encode(samples)  # [1, n_audio_ctx, D]
+        candidates = [c for c in dict.fromkeys([h.text for h in transcriber.nbest(features)] + [own]) if c]
+        if len(candidates) < 2:
+            return answer(candidates[0]) if candidates else llm_answer
+        total = np.zeros(len(candidates))
+        if weights.whisper_weight:
+            total += weights.whisper_weight * np.asarray(transcriber.score(features, candidates))
+        if weights.llm_weight:
+            total += weights.llm_weight * np.asarray(self.score_answers(messages, [clip], [answer(c) for c in candidates])[0])
+        if weights.ctc_weight and self.ctc_head is not None:
+            scorer = self.ctc_head.scorer(clip)
+            ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
+            total += weights.ctc_weight * np.asarray([scorer.sequence_score(i) for i in ids])
+        with np.errstate(invalid="ignore"):
+            best = int(np.argmax(np.where(np.isnan(total), -np.inf, total)))
+        log.debug("transcript candidates %s, scores %s", candidates, total.round(2).tolist())
+        return answer(candidates[best])
 
     def _ctc_fusion(self, conversations, audio, settings: GenerationSettings):
         """The joint CTC decoder for the items that ask to transcribe one clip, or None if no item does."""
@@ -675,6 +783,40 @@ class OmnivoxModel(nn.Module):
             on_text: called with each new piece of text (batch of one, no beam search).
         """
         return [self.decode(ids) for ids in self.generate_ids(conversations, audio, settings, on_text)]
+
+    @torch.no_grad()
+    def score_answers(
+        self, messages: list[Message], clips: Sequence[torch.Tensor], answers: Sequence[str]
+    ) -> tuple[list[float], list[list[int]]]:
+        """How likely the LLM finds each answer to one conversation, by teacher forcing.
+
+        Args:
+            messages: the conversation, ending with the user turn the answers reply to.
+            clips: the [N_i, H] audio tokens of its clips.
+            answers: candidate answers.
+
+        Returns:
+            per answer, the summed log-probability of its tokens and the stop token, and those
+            token ids (without the stop token).
+        """
+        if not answers:
+            return [], []
+        prompt = self.processor.tokenize(list(messages), [c.shape[0] for c in clips])
+        embed = self.llm.get_input_embeddings()
+        context = self.processor.merge(prompt, list(clips), embed)  # [T, H]
+        stop = self.processor.stop_ids[0]
+        ids = [self.tokenizer(a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
+        seqs = [torch.cat([context, embed(torch.tensor(i + [stop], device=context.device))]) for i in ids]
+        batch = self.processor.left_pad(seqs)
+        logits = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits  # [B, L, V]
+        width = batch.inputs_embeds.shape[1]
+        scores = []
+        for row, answer in enumerate(ids):
+            target = torch.tensor(answer + [stop], device=logits.device)
+            # the answer's n tokens sit at the row's last n positions; each is predicted one position earlier
+            preds = logits[row, width - len(target) - 1 : width - 1].float().log_softmax(-1)  # [n, V]
+            scores.append(float(preds.gather(1, target[:, None]).sum()))
+        return scores, ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, cut at the first stop token."""
@@ -795,6 +937,8 @@ class OmnivoxModel(nn.Module):
             llm = attach_lora(llm, config, lora_dir)
         model = cls(config, encoders, adapter, llm, tokenizer, folded_lora=folded)
         model.set_ctc_head(load_ctc_head(folder / CTC_HEAD_FILE, llm.get_input_embeddings(), device))
+        if config.transcriber is not None:
+            model.set_transcriber(load_transcriber(config.transcriber, folder, device))
         if folded is not None:  # already folded at lora_scale
             return model.eval()
         if config.lora is not None and lora_scale != 1.0:
@@ -802,6 +946,29 @@ class OmnivoxModel(nn.Module):
         if config.lora is not None and merge_lora and quantization is None:
             model.merge_lora()
         return model.eval()
+
+
+def _json_value(answer: str, key: str) -> tuple[str, str]:
+    """The words of an answer that should be ``{key: words}``, and the key to answer with: the
+    answer's own single string value and key when it is such an object, else no words and ``key``."""
+    try:
+        parsed = json.loads(answer)
+    except json.JSONDecodeError:
+        return "", key
+    if isinstance(parsed, dict) and len(parsed) == 1:
+        (name, value), = parsed.items()
+        if isinstance(value, str):
+            return value.strip(), name
+    return "", key
+
+
+def load_transcriber(settings: TranscriberSettings, folder: Path, device: str | torch.device) -> WhisperTranscriber:
+    """The Whisper transcriber a folder's config names (see ``TranscriberSettings``)."""
+    from omnivox.encoders.whisper_decoder import WhisperTranscriber
+
+    return WhisperTranscriber.from_checkpoint(
+        resolve_ref(settings.path, folder), device=device, beam_size=settings.beam_size
+    )
 
 
 def load_ctc_head(path: Path, embedding: nn.Module, device: str | torch.device) -> CTCHead | None:

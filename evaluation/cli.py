@@ -36,6 +36,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
+    parser.add_argument("--no-transcriber", action="store_true",
+                        help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,6 +66,8 @@ def run_eval(args: argparse.Namespace) -> int:
     overrides = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
     if args.ctc_weight is not None:
         overrides["ctc_weight"] = args.ctc_weight
+    if args.no_transcriber:
+        overrides["use_transcriber"] = False
     GenerationSettings(**overrides)  # bad flags fail here, not after a big model has loaded
     model_dir = model_folder(args)
     model = load_model_for_cli(args)

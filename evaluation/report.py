@@ -54,6 +54,15 @@ def table_rows(results: EvalResults) -> list[tuple[str, str, str, str, str]]:
     return rows
 
 
+def _transcriber(settings: dict | None) -> str:
+    if not settings:
+        return "transcripts by the LLM"
+    return (
+        f"transcripts chosen among Whisper's {settings['beam_size']} best and the LLM's (weights Whisper "
+        f"{settings['whisper_weight']}, LLM {settings['llm_weight']}, CTC {settings['ctc_weight']})"
+    )
+
+
 def markdown(results: EvalResults) -> str:
     """results.md: a title line, the table, and notes."""
     lines = [
@@ -61,7 +70,7 @@ def markdown(results: EvalResults) -> str:
         "",
         f"model: `{results.model}`; data: `{results.data}`; decoding: beams {results.settings.get('num_beams')}, "
         f"max {results.settings.get('max_new_tokens')} new tokens, CTC weight in transcripts "
-        f"{results.settings.get('ctc_weight', 0.0)}",
+        f"{results.settings.get('ctc_weight', 0.0)}; {_transcriber(results.settings.get('transcriber'))}",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|",

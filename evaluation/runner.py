@@ -391,12 +391,15 @@ def run_selection(
     records = score(selection, answers, labels)
     per_group, overall = aggregate(records)
     conf = confusion(records)
+    used = asdict(settings)
+    transcriber = model.config.transcriber if model.transcriber is not None and settings.use_transcriber else None
+    used["transcriber"] = None if transcriber is None else asdict(transcriber)
     return EvalResults(
         suite=selection.suite,
         split=selection.split,
         model=model_name,
         data=str(selection.data) if selection.data is not None else None,
-        settings=asdict(settings),
+        settings=used,
         metrics=per_group,
         overall=overall,
         confusion={"classification": conf} if conf else {},

@@ -65,16 +65,29 @@ def make_llm(folder: Path, vocab_size: int, hidden: int = 32, layers: int = 2, s
     return folder
 
 
-def make_whisper(path: Path, n_state: int = 16, seed: int = 0) -> Path:
-    """An openai-whisper checkpoint with tiny widths but the real 30 s / 1500-frame geometry."""
+def make_whisper(path: Path, n_state: int = 16, seed: int = 0, n_vocab: int = 64, n_text_ctx: int = 8) -> Path:
+    """An openai-whisper checkpoint with tiny widths but the real 30 s / 1500-frame geometry.
+
+    ``n_vocab=51864`` (English) gives a decoder that openai-whisper's tokenizer fits: its
+    ``<|notimestamps|>`` and timestamp rows are zero (they are never among the best tokens, so
+    searches that rule them out and searches that do not agree), and its weights are larger than
+    the default init so that the audio steers the text.
+    """
     import whisper.model
 
     torch.manual_seed(seed)
     dims = whisper.model.ModelDimensions(
         n_mels=80, n_audio_ctx=1500, n_audio_state=n_state, n_audio_head=2, n_audio_layer=1,
-        n_vocab=64, n_text_ctx=8, n_text_state=n_state, n_text_head=2, n_text_layer=1,
+        n_vocab=n_vocab, n_text_ctx=n_text_ctx, n_text_state=n_state, n_text_head=2, n_text_layer=1,
     )  # fmt: skip
     model = whisper.model.Whisper(dims)
+    if n_vocab == 51864:
+        with torch.no_grad():
+            for name, p in model.decoder.named_parameters():
+                if p.dim() == 2 and "token_embedding" not in name:
+                    p.normal_(0.0, 0.3)
+            model.decoder.token_embedding.weight.normal_(0.0, 1.0)
+            model.decoder.token_embedding.weight[50362:] = 0.0  # <|notimestamps|> and the timestamps
     torch.save({"dims": asdict(dims), "model_state_dict": model.state_dict()}, path)
     return path
 

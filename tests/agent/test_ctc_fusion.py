@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
-from omnivox.agent.ctc_fusion import CTCFusion, is_transcription_request
+from omnivox.agent.ctc_fusion import CTCFusion, is_json_transcription_request, is_transcription_request
 from omnivox.agent.model import GenerationSettings, OmnivoxModel
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message
@@ -34,6 +34,17 @@ def test_transcription_requests_are_recognised(text):
 )  # fmt: skip
 def test_other_requests_are_left_to_the_llm(text):
     assert not is_transcription_request(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "wanted"),
+    [('What is being said? Reply in JSON as {"text": "..."}.', True), ("Give the transcript as JSON.", True),
+     ('Transcribe this recording word for word. Answer in JSON as {"words": "..."}.', True),
+     ("Transcribe the speech.", False), ('How many beeps? Reply in JSON as {"count": 0}.', False),
+     ("Summarise what is said. Answer in JSON.", False), ("Transcribe the speech and list the speakers in JSON.", False)],
+)  # fmt: skip
+def test_json_transcription_requests_are_recognised(text, wanted):
+    assert is_json_transcription_request(text) is wanted
 
 
 def _peaked(path: list[int], labels: int, sure: float = 0.95) -> np.ndarray:

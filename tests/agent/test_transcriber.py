@@ -1,0 +1,177 @@
+"""Transcription requests answered by Whisper's decoder and the LLM together (``TranscriberSettings``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import tiny
+import torch
+from safetensors.torch import save_file
+
+from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead
+from omnivox.agent.config import OmnivoxConfig, TranscriberSettings
+from omnivox.agent.model import GenerationSettings, OmnivoxModel, _json_value
+from omnivox.errors import CheckpointError
+from omnivox.prompts import Message
+
+SETTINGS = GenerationSettings.greedy(max_new_tokens=8)
+ASK = "Transcribe the speech."
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transcriber")
+    folder = tiny.make_model_folder(root, prompt_style="chatml", trim_to_audio=True)
+    model = OmnivoxModel.from_pretrained(folder)
+    head = CTCHead(model.llm.get_input_embeddings())
+    with torch.no_grad():
+        head.blank.copy_(torch.randn(head.blank.shape, generator=torch.Generator().manual_seed(1)))
+    save_file({k: v.detach() for k, v in head.state_dict().items()}, folder / CTC_HEAD_FILE)
+    whisper_file = tiny.make_whisper(root / "parts" / "whisper_full.pt", n_vocab=51864, n_text_ctx=32)
+    configure(folder, path=str(whisper_file), beam_size=3, whisper_weight=1.0)
+    return folder
+
+
+def configure(folder, **transcriber) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["transcriber"] = transcriber if "path" in transcriber else {**config["transcriber"], **transcriber}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def candidates_and_scores(model: OmnivoxModel, samples: np.ndarray):
+    """What the model should choose among, computed from its parts one by one."""
+    clip = model.encode_clip(samples)
+    messages = [Message("user", ASK, num_audio=1)]
+    alone = model.generate([messages], [[clip]], GenerationSettings.greedy(max_new_tokens=8, use_transcriber=False))[0]
+    features = model.transcriber.encode(samples)
+    texts = list(dict.fromkeys([h.text for h in model.transcriber.nbest(features) if h.text] + [alone]))
+    llm, ids = model.score_answers(messages, [clip], texts)
+    scorer = model.ctc_head.scorer(clip)
+    return texts, {
+        "whisper": np.asarray(model.transcriber.score(features, texts)),
+        "llm": np.asarray(llm),
+        "ctc": np.asarray([scorer.sequence_score(i) for i in ids]),
+    }, alone
+
+
+def roundtrip(model: OmnivoxModel, text: str) -> str:
+    return model.decode(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [dict(whisper_weight=1.0, llm_weight=0.0, ctc_weight=0.0), dict(whisper_weight=0.0, llm_weight=1.0, ctc_weight=0.0),
+     dict(whisper_weight=1.0, llm_weight=0.7, ctc_weight=0.3)],
+)  # fmt: skip
+def test_the_transcript_is_the_best_candidate_under_the_folders_weights(folder, weights):
+    configure(folder, **weights)
+    model = OmnivoxModel.from_pretrained(folder)
+    assert model.transcriber is not None and model.config.transcriber.beam_size == 3
+    for seed in (1, 2):
+        samples = tiny.tone_clip(2.0 + seed, 300.0 * seed, seed=seed)
+        texts, scores, alone = candidates_and_scores(model, samples)
+        assert len(texts) >= 3  # Whisper's beam gives several, the LLM one more
+        # a term of weight 0 is left out (a score of -inf times 0 would be nan)
+        total = sum(weights[f"{k}_weight"] * v for k, v in scores.items() if weights[f"{k}_weight"] > 0)
+        expected = texts[int(np.argmax(total))]
+        assert model.chat(ASK, [samples], SETTINGS) == roundtrip(model, expected)
+        if weights["whisper_weight"] == 0.0:
+            assert expected == alone or scores["llm"][texts.index(expected)] >= scores["llm"][texts.index(alone)]
+
+
+def test_llm_scores_are_teacher_forced_log_probabilities(folder):
+    model = OmnivoxModel.from_pretrained(folder)
+    clip = model.encode_clip(tiny.tone_clip(2.0))
+    messages = [Message("user", ASK, num_audio=1)]
+    answers = ["yes", "one two three four", "Rain falls on the roof."]
+    batch, ids = model.score_answers(messages, [clip], answers)
+    prompt = model.processor.tokenize(messages, [clip.shape[0]])
+    context = model.processor.merge(prompt, [clip], model.llm.get_input_embeddings())  # [T, H]
+    stop = model.processor.stop_ids[0]
+    for answer, score, answer_ids in zip(answers, batch, ids, strict=True):
+        assert answer_ids == model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        total, seq = 0.0, context
+        for token in answer_ids + [stop]:  # one step at a time, no padding
+            with torch.no_grad():
+                logits = model.llm(inputs_embeds=seq[None]).logits[0, -1]
+            total += float(logits.log_softmax(-1)[token])
+            seq = torch.cat([seq, model.llm.get_input_embeddings()(torch.tensor([token]))])
+        assert score == pytest.approx(total, abs=1e-4)
+
+
+def test_other_requests_streaming_and_opting_out(folder):
+    configure(folder, whisper_weight=1.0, llm_weight=0.0, ctc_weight=0.0)
+    model = OmnivoxModel.from_pretrained(folder)
+    clips = [tiny.tone_clip(3.0, 880.0, seed=1), tiny.tone_clip(2.0, 300.0, seed=2)]
+    prompts = [ASK, "Describe the sound."]
+    conversations = [[Message("user", p, num_audio=1)] for p in prompts]
+    tokens = [model.encode_clip(c) for c in clips]
+    off = GenerationSettings.greedy(max_new_tokens=8, use_transcriber=False)
+    plain = model.generate(conversations, [[t] for t in tokens], off)
+    both = model.generate(conversations, [[t] for t in tokens], SETTINGS)
+    assert both[1] == plain[1]  # a caption is the LLM's
+    assert both[0] != plain[0] and both[0] == model.chat(ASK, clips[:1], SETTINGS)  # a batch decodes each item as alone
+    pieces: list[str] = []
+    assert model.chat(ASK, clips[:1], SETTINGS, on_text=pieces.append) == both[0]
+    assert "".join(pieces).strip() == both[0]  # streamed whole once chosen
+    other = torch.randn_like(tokens[0])  # audio tokens that encode_clip did not make: the LLM answers
+    assert model.generate(conversations[:1], [[other]], SETTINGS) == model.generate(conversations[:1], [[other]], off)
+    model.set_transcriber(None)
+    assert model.generate(conversations, [[t] for t in tokens], SETTINGS) == plain
+
+
+def test_a_json_transcript_request_gets_the_chosen_words_in_its_object(folder):
+    configure(folder, whisper_weight=1.0, llm_weight=0.0, ctc_weight=0.0)
+    model = OmnivoxModel.from_pretrained(folder)
+    samples = tiny.tone_clip(3.0, 600.0, seed=3)
+    ask = 'What is being said? Reply in JSON as {"words": "..."}.'
+    off = GenerationSettings.greedy(max_new_tokens=8, use_transcriber=False)
+    assert _json_value(model.chat(ask, [samples], off), "words") == ("", "words")  # the tiny LLM writes no JSON
+    features = model.transcriber.encode(samples)
+    texts = list(dict.fromkeys(h.text for h in model.transcriber.nbest(features)))
+    best = texts[int(np.argmax(model.transcriber.score(features, texts)))]
+    assert json.loads(model.chat(ask, [samples], SETTINGS)) == {"words": roundtrip(model, best)}
+
+
+def test_json_values():
+    assert _json_value('{"transcript": " Hello there. "}', "text") == ("Hello there.", "transcript")
+    for answer in ('{"text": 3}', '{"a": "x", "b": "y"}', "Hello", '["x"]', '{"text": '):
+        assert _json_value(answer, "text") == ("", "text")
+
+
+def test_a_clip_over_one_whisper_window_gets_the_long_form_transcript(folder):
+    model = OmnivoxModel.from_pretrained(folder)
+    samples = np.tile(tiny.tone_clip(2.0, 500.0), 16)  # 32 s
+    assert model.chat(ASK, [samples], SETTINGS) == roundtrip(model, model.transcriber.transcribe_long(samples))
+
+
+def test_transcriber_settings_are_validated(folder):
+    base = json.loads((folder / "config.json").read_text())
+    good = OmnivoxConfig.from_dict(base)
+    assert OmnivoxConfig.from_dict(json.loads(json.dumps(good.to_dict()))) == good  # survives config.json
+    assert asdict(good.transcriber)["beam_size"] == 3
+    bad = [
+        ({"beam_size": 0}, "beam_size must be an integer"),
+        ({"llm_weight": -1}, "llm_weight must be a number >= 0"),
+        ({"whisper_weight": 0, "llm_weight": 0, "ctc_weight": 0}, "at least one"),
+        ({"temperature": 1.0}, r"unknown fields \['temperature'\]"),
+    ]
+    for change, message in bad:
+        with pytest.raises(CheckpointError, match=message):
+            OmnivoxConfig.from_dict({**base, "transcriber": {**base["transcriber"], **change}})
+    with pytest.raises(CheckpointError, match="'path' is missing"):
+        OmnivoxConfig.from_dict({**base, "transcriber": {"beam_size": 2}})
+    with pytest.raises(CheckpointError, match="must be an object"):
+        OmnivoxConfig.from_dict({**base, "transcriber": "whisper"})
+    with pytest.raises(CheckpointError, match="path must name"):
+        TranscriberSettings(path="")
+    missing = folder.parent / "missing"
+    missing.mkdir(exist_ok=True)
+    for name in ("config.json", "adapter.safetensors"):
+        (missing / name).write_bytes((folder / name).read_bytes())
+    configure(missing, path=str(folder.parent / "nowhere.pt"))
+    with pytest.raises(CheckpointError, match="Whisper transcriber .* not found"):
+        OmnivoxModel.from_pretrained(missing)
