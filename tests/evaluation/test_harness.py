@@ -60,6 +60,7 @@ class ScriptedModel:
     def __init__(self) -> None:
         self.batches: list[list[list[Message]]] = []
         self.config = SimpleNamespace(generation={})  # no default decoding of its own
+        self.transcriber = None
 
     def encode_clip(self, samples) -> torch.Tensor:
         return torch.zeros(3, 4)  # [N, H]
@@ -186,7 +187,12 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
         row, col = conf["labels"].index(r["details"]["reference_label"]), conf["labels"].index(r["details"]["predicted_label"])
         assert conf["matrix"][row][col] >= 1
     md = (out / "results.md").read_text()
-    assert "CTC weight in transcripts 0.0" in md
+    assert "CTC weight in transcripts 0.0; transcripts by the LLM" in md
+    assert res["settings"]["transcriber"] is None
+    from omnivox.evaluation.report import _transcriber
+
+    named = _transcriber({"beam_size": 5, "whisper_weight": 1.0, "llm_weight": 0.7, "ctc_weight": 0.3})
+    assert named == "transcripts chosen among Whisper's 5 best and the LLM's (weights Whisper 1.0, LLM 0.7, CTC 0.3)"
     for name in res["metrics"]:
         assert f"| {name} |" in md
 
