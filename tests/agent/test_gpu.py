@@ -95,3 +95,24 @@ def test_joint_ctc_decoding_on_cuda_gives_the_cpu_transcript(tiny_model_dir, cli
         assert model.ctc_head is not None and model.ctc_head.blank.device.type == device
         answers.append(model.generate(conversation, [[model.encode_clip(clip)]], settings))
     assert answers[0] == answers[1]
+
+
+def test_whisper_transcriber_on_cuda_gives_the_cpu_candidates_and_transcript(tiny_model_dir, clip, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "with_transcriber"
+    shutil.copytree(tiny_model_dir, folder)
+    whisper_file = tiny.make_whisper(tmp_path / "whisper_full.pt", n_vocab=51864, n_text_ctx=32)
+    config = json.loads((folder / "config.json").read_text())
+    config["transcriber"] = {"path": str(whisper_file), "beam_size": 3, "whisper_weight": 1.0, "llm_weight": 0.7}
+    (folder / "config.json").write_text(json.dumps(config))
+    hypotheses, answers = [], []
+    for device in ("cpu", "cuda"):
+        model = OmnivoxModel.from_pretrained(folder, device=device)
+        assert next(model.transcriber.model.parameters()).device.type == device
+        hyps = model.transcriber.nbest(model.transcriber.encode(clip))
+        hypotheses.append([(h.tokens, round(h.log_prob, 2)) for h in hyps])
+        answers.append(model.chat("Transcribe the speech.", [clip], GREEDY))
+    assert hypotheses[0] == hypotheses[1]
+    assert answers[0] == answers[1]
