@@ -207,23 +207,26 @@ class WhisperTranscriber:
         return sorted(hyps, key=lambda h: -h.log_prob / max(1, len(h.tokens)))
 
     def score(self, features: torch.Tensor, texts: list[str]) -> list[float]:
-        """Summed log-probability of each text (its tokens and the end token) given one window.
+        """Summed log-probability of each text (its tokens and the end token) given one window,
+        under the model's own distribution: not the search's token rules, which would rule out
+        texts that tokenise with a symbol the search never emits (the ":" of "5:20").
 
         Args:
             features: [1, n_audio_ctx, D] from :meth:`encode`.
-            texts: the candidate transcripts; an empty one scores -inf (the search never ends
-                before a first word), as does one longer than the decoder's positions.
+            texts: the candidate transcripts; one longer than the decoder's positions scores -inf.
         """
-        return self.score_tokens(features, [self.tokenizer.encode(" " + t.strip()) if t.strip() else [] for t in texts])
+        sequences = [self.tokenizer.encode(" " + t.strip()) if t.strip() else [] for t in texts]
+        return self.score_tokens(features, sequences, search_rules=False)
 
     @torch.no_grad()
-    def score_tokens(self, features: torch.Tensor, sequences: list[list[int]]) -> list[float]:
-        """Summed log-probability of each token sequence and the end token after it (teacher forcing,
-        with the search's token rules: a sequence that breaks them scores -inf).
+    def score_tokens(self, features: torch.Tensor, sequences: list[list[int]], search_rules: bool = True) -> list[float]:
+        """Summed log-probability of each token sequence and the end token after it (teacher forcing).
 
         Args:
             features: [1, n_audio_ctx, D] from :meth:`encode`.
             sequences: text token ids, without the start sequence and the end token.
+            search_rules: score as :meth:`nbest` does (suppressed tokens, no blank first: a
+                sequence that breaks the rules scores -inf); False: the plain distribution.
         """
         seqs = [list(self.prefix) + list(s) + [self.eot] for s in sequences]
         out = [float("-inf")] * len(seqs)  # a text longer than the decoder's positions cannot be read from 30 s
@@ -238,9 +241,13 @@ class WhisperTranscriber:
         n = len(self.prefix)
         for row, i in enumerate(fits):
             target = torch.tensor(seqs[i][n:], device=logits.device)  # [m]: text tokens and the end
-            first = self._log_probs(logits[row, n - 1 : n], first=True)[0, target[0]]  # no blank first
-            rest = self._log_probs(logits[row, n : n - 1 + len(target)], first=False)  # [m - 1, V]
-            out[i] = float(first + rest.gather(1, target[1:, None]).sum())
+            predicted = logits[row, n - 1 : n - 1 + len(target)]  # [m, V]: the logits before each target
+            if search_rules:
+                first = self._log_probs(predicted[:1], first=True)  # no blank first
+                log_probs = torch.cat([first, self._log_probs(predicted[1:], first=False)])
+            else:
+                log_probs = predicted.float().log_softmax(-1)
+            out[i] = float(log_probs.gather(1, target[:, None]).sum())
         return out
 
     @torch.no_grad()

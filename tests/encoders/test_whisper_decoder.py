@@ -97,11 +97,22 @@ def test_text_scores(checkpoint):
     transcriber = load(checkpoint, ends=True)
     features = transcriber.encode(clip(0))
     hyp = transcriber.nbest(features)[0]
-    texts = [hyp.text, "", "word " * 40]
+    texts = [hyp.text, "", "word " * 40, "at 5:20 pm"]
     scores = transcriber.score(features, texts)
-    assert scores[0] == pytest.approx(transcriber.score_tokens(features, [transcriber.tokenizer.encode(" " + hyp.text)])[0])
-    assert scores[1] == float("-inf")  # the search never ends before a first word
+    ids = [transcriber.tokenizer.encode(" " + hyp.text), [], [], transcriber.tokenizer.encode(" at 5:20 pm")]
+    plain = transcriber.score_tokens(features, ids, search_rules=False)
+    assert scores[0] == pytest.approx(plain[0]) and scores[1] == pytest.approx(plain[1]) and scores[3] == pytest.approx(plain[3])
     assert scores[2] == float("-inf")  # longer than the 32 decoder positions
+    # the search's rules: no end first, no bare ":" (a non-speech symbol); the plain distribution allows both
+    ruled = transcriber.score_tokens(features, ids, search_rules=True)
+    assert ruled[1] == float("-inf") and ruled[3] == float("-inf")
+    assert all(np.isfinite(plain[i]) for i in (0, 1, 3))
+    with torch.no_grad():  # by hand: log-softmax of the plain logits at each target
+        seq = list(transcriber.prefix) + ids[3] + [EOT]
+        logits = transcriber.model.decoder(torch.tensor([seq[:-1]]), features)[0].log_softmax(-1)
+        n = len(transcriber.prefix)
+        by_hand = sum(float(logits[n - 1 + k, t]) for k, t in enumerate(seq[n:]))
+    assert plain[3] == pytest.approx(by_hand, abs=1e-4)
 
 
 def test_long_form_transcribes_a_clip_over_one_window(checkpoint):
