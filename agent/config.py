@@ -211,12 +211,7 @@ class OmnivoxConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmnivoxConfig:
-        if not isinstance(data, dict):
-            raise CheckpointError(f"config must be a JSON object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise CheckpointError(f"unknown fields in config: {unknown}; known: {sorted(known)}")
+        _check_fields(data, cls, "config")
         try:
             lora = data.get("lora", {})
             return cls(
@@ -253,12 +248,17 @@ class OmnivoxConfig:
 def _transcriber(data: Any) -> TranscriberSettings | None:
     if data is None:
         return None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"transcriber must be an object (or null), got {type(data).__name__}")
-    known = {f.name for f in fields(TranscriberSettings)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise CheckpointError(f"transcriber: unknown fields {unknown}; known: {sorted(known)}")
+    _check_fields(data, TranscriberSettings, "transcriber")
     if "path" not in data:
         raise CheckpointError("transcriber: the field 'path' is missing")
     return TranscriberSettings(**data)
+
+
+def _check_fields(data: Any, cls: type, what: str) -> None:
+    """``data`` is a JSON object whose keys are fields of the dataclass ``cls``."""
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CheckpointError(f"unknown fields in {what}: {unknown}; known: {sorted(known)}")

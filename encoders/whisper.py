@@ -44,6 +44,24 @@ SAMPLES_PER_FRAME = 2 * HOP_LENGTH
 CheckpointKind = Literal["openai", "hf"]
 
 
+def read_openai_checkpoint(path: Path) -> dict:
+    """The dict of a local openai-whisper file, checked to hold ``dims`` and ``model_state_dict``.
+
+    Raises:
+        CheckpointError: the file is not a (safely loadable) openai-whisper checkpoint.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable openai-whisper checkpoint (torch.load failed: {type(err).__name__}: {err})"
+        ) from err
+    if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
+        keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise CheckpointError(f"{path}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}")
+    return checkpoint
+
+
 class WhisperLogMel(nn.Module):
     """Whisper's log-mel spectrogram, per item, batched.
 
@@ -233,21 +251,7 @@ class WhisperEncoder(AudioEncoder):
     @classmethod
     def _from_openai_file(cls, path: Path) -> WhisperEncoder:
         """Load a local openai-whisper checkpoint ``{"dims", "model_state_dict"}``."""
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a corrupt or foreign file
-            raise CheckpointError(
-                f"{path} is not a readable openai-whisper checkpoint (torch.load failed: {type(err).__name__}: {err})"
-            ) from err
-        if (
-            not isinstance(checkpoint, dict)
-            or "dims" not in checkpoint
-            or "model_state_dict" not in checkpoint
-        ):
-            keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-            raise CheckpointError(
-                f"{path}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}"
-            )
+        checkpoint = read_openai_checkpoint(path)
         return cls._from_openai_state(checkpoint["dims"], checkpoint["model_state_dict"], str(path))
 
     @classmethod

@@ -89,18 +89,12 @@ class WhisperTranscriber:
         import whisper
         from whisper.model import ModelDimensions, Whisper
 
+        from omnivox.encoders.whisper import read_openai_checkpoint
+
         name = str(path)
         file = Path(name).expanduser()
         if file.is_file():
-            try:
-                checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-            except Exception as err:  # torch raises many types for a corrupt or foreign file
-                raise CheckpointError(
-                    f"{file}: not a loadable openai-whisper checkpoint ({type(err).__name__}: {err})"
-                ) from err
-            if not isinstance(checkpoint, dict) or not {"dims", "model_state_dict"} <= set(checkpoint):
-                keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-                raise CheckpointError(f"{file}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}")
+            checkpoint = read_openai_checkpoint(file)
             try:
                 model = Whisper(ModelDimensions(**checkpoint["dims"]))
                 model.load_state_dict(checkpoint["model_state_dict"], strict=True)

@@ -157,14 +157,14 @@ def test_transcriber_settings_are_validated(folder):
         ({"beam_size": 0}, "beam_size must be an integer"),
         ({"llm_weight": -1}, "llm_weight must be a number >= 0"),
         ({"whisper_weight": 0, "llm_weight": 0, "ctc_weight": 0}, "at least one"),
-        ({"temperature": 1.0}, r"unknown fields \['temperature'\]"),
+        ({"temperature": 1.0}, r"unknown fields in transcriber: \['temperature'\]"),
     ]
     for change, message in bad:
         with pytest.raises(CheckpointError, match=message):
             OmnivoxConfig.from_dict({**base, "transcriber": {**base["transcriber"], **change}})
     with pytest.raises(CheckpointError, match="'path' is missing"):
         OmnivoxConfig.from_dict({**base, "transcriber": {"beam_size": 2}})
-    with pytest.raises(CheckpointError, match="must be an object"):
+    with pytest.raises(CheckpointError, match="transcriber must be a JSON object"):
         OmnivoxConfig.from_dict({**base, "transcriber": "whisper"})
     with pytest.raises(CheckpointError, match="path must name"):
         TranscriberSettings(path="")

@@ -128,7 +128,7 @@ def test_bad_checkpoints_and_settings(tmp_path, checkpoint):
         WhisperTranscriber.from_checkpoint(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a loadable openai-whisper checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable openai-whisper checkpoint"):
         WhisperTranscriber.from_checkpoint(junk)
     wrong = tmp_path / "wrong.pt"
     saved = torch.load(checkpoint, weights_only=True)
