@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead
+from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
 from omnivox.adapters.lora import CONFIG_FILE as LORA_CONFIG_FILE
 from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
 from omnivox.adapters.lora import FoldedLora
@@ -673,7 +673,9 @@ class OmnivoxModel(nn.Module):
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             results.append(row[:end])
         for item, (samples, key) in transcribe.items():
-            text = self._transcribe(conversations[item], audio[item][0], samples, self.decode(results[item]), key)
+            scorer = fusion.scorers[item] if fusion is not None else None  # the clip's CTC scorer, if fused
+            answer = self.decode(results[item])
+            text = self._transcribe(conversations[item], audio[item][0], samples, answer, key, scorer)
             results[item] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [stop[0]]
             if on_text is not None:
                 on_text(text)
@@ -691,13 +693,13 @@ class OmnivoxModel(nn.Module):
 
         items = {}
         for i, (messages, clips) in enumerate(zip(conversations, audio, strict=True)):
-            last = messages[-1] if messages else None
-            if last is None or last.role != "user" or len(clips) != 1:
+            text = _one_clip_request(messages, clips)
+            if text is None:
                 continue
-            if is_transcription_request(last.text):
+            if is_transcription_request(text):
                 key = None
-            elif is_json_transcription_request(last.text):
-                named = re.search(r'\{\s*"([^"]+)"\s*:', last.text)
+            elif is_json_transcription_request(text):
+                named = re.search(r'\{\s*"([^"]+)"\s*:', text)
                 key = named.group(1) if named else "text"
             else:
                 continue
@@ -709,7 +711,13 @@ class OmnivoxModel(nn.Module):
         return items
 
     def _transcribe(
-        self, messages: list[Message], clip: torch.Tensor, samples: np.ndarray, llm_answer: str, key: str | None
+        self,
+        messages: list[Message],
+        clip: torch.Tensor,
+        samples: np.ndarray,
+        llm_answer: str,
+        key: str | None,
+        scorer: CTCPrefixScorer | None = None,
     ) -> str:
         """The transcript of one clip: Whisper's best candidates and the LLM's answer, scored (``TranscriberSettings``).
 
@@ -720,6 +728,7 @@ class OmnivoxModel(nn.Module):
             llm_answer: what the LLM answered.
             key: None for the words alone; else the answer is ``{key: words}`` as JSON (the LLM's
                 own words are its answer's value, when it answered such an object).
+            scorer: the clip's CTC scorer when joint decoding already built it (else built here).
         """
         import whisper
 
@@ -743,7 +752,7 @@ class OmnivoxModel(nn.Module):
         if weights.llm_weight:
             total += weights.llm_weight * np.asarray(self.score_answers(messages, [clip], [answer(c) for c in candidates])[0])
         if weights.ctc_weight and self.ctc_head is not None:
-            scorer = self.ctc_head.scorer(clip)
+            scorer = self.ctc_head.scorer(clip) if scorer is None else scorer
             ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
             total += weights.ctc_weight * np.asarray([scorer.sequence_score(i) for i in ids])
         with np.errstate(invalid="ignore"):
@@ -759,8 +768,8 @@ class OmnivoxModel(nn.Module):
 
         scorers = []
         for messages, clips in zip(conversations, audio, strict=True):
-            last = messages[-1] if messages else None
-            wanted = last is not None and last.role == "user" and len(clips) == 1 and is_transcription_request(last.text)
+            text = _one_clip_request(messages, clips)
+            wanted = text is not None and is_transcription_request(text)
             scorers.append(self.ctc_head.scorer(clips[0]) if wanted else None)
         if not any(s is not None for s in scorers):
             return None
@@ -946,6 +955,13 @@ class OmnivoxModel(nn.Module):
         if config.lora is not None and merge_lora and quantization is None:
             model.merge_lora()
         return model.eval()
+
+
+def _one_clip_request(messages: Sequence[Message], clips: Sequence[torch.Tensor]) -> str | None:
+    """The text of the last turn when it is a user's and the conversation has one clip, else None
+    (the requests a transcript decoder may answer)."""
+    last = messages[-1] if messages else None
+    return last.text if last is not None and last.role == "user" and len(clips) == 1 else None
 
 
 def _json_value(answer: str, key: str) -> tuple[str, str]:

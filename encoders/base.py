@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omnivox.errors import CheckpointError
+
 SAMPLE_RATE = 16_000
 
 
@@ -76,6 +78,20 @@ class AudioEncoder(nn.Module):
                 f"{type(self).__name__} takes at most {self.max_samples} samples "
                 f"({self.max_samples / SAMPLE_RATE:.1f} s) per item, got {longest}; split long audio into windows first"
             )
+
+
+def torch_load_checkpoint(path: str | Path, what: str):
+    """``torch.load`` of a checkpoint file, tensors only (no code runs from the file).
+
+    Raises:
+        CheckpointError: the file cannot be read that way (``what`` names the format in the message).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(
+            f"{path} is not a readable {what} checkpoint (torch.load failed: {type(err).__name__}: {err})"
+        ) from err
 
 
 def sha256_file(path: str | Path) -> str:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput, sha256_file
+from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput, sha256_file, torch_load_checkpoint
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -971,12 +971,7 @@ def load_beats_checkpoint(
         actual = sha256_file(path)
         if actual != expected_sha256.strip().lower():
             raise CheckpointError(f"{path}: sha256 mismatch: expected {expected_sha256}, got {actual}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(
-            f"{path} is not a readable BEATs checkpoint (torch.load failed: {type(err).__name__}: {err})"
-        ) from err
+    checkpoint = torch_load_checkpoint(path, "BEATs")
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f"{path}: expected a dict with 'cfg' and 'model', got a {type(checkpoint).__name__}"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
+from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput, torch_load_checkpoint
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -50,12 +50,7 @@ def read_openai_checkpoint(path: Path) -> dict:
     Raises:
         CheckpointError: the file is not a (safely loadable) openai-whisper checkpoint.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(
-            f"{path} is not a readable openai-whisper checkpoint (torch.load failed: {type(err).__name__}: {err})"
-        ) from err
+    checkpoint = torch_load_checkpoint(path, "openai-whisper")
     if not isinstance(checkpoint, dict) or "dims" not in checkpoint or "model_state_dict" not in checkpoint:
         keys = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise CheckpointError(f"{path}: expected an openai-whisper file with 'dims' and 'model_state_dict', got {keys}")
