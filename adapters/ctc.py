@@ -2,7 +2,7 @@
 
 The LLM reads audio tokens as input embeddings. The CTC head scores every audio token
 against the LLM's input embedding table, ``logits = exp(log_scale) * token @ [E; blank]^T``;
-training (``training/ctc.py``, stage ``ctc`` and the auxiliary ``ctc_weight``) uses it to
+training (``training/ctc.py``, stage ``ctc`` and the auxiliary ``ctc_loss_weight``) uses it to
 pull the audio tokens of speech towards the embeddings of the words said.
 
 At inference the same head gives per-token log-probabilities over the vocabulary plus a

@@ -15,7 +15,7 @@ This is SALMONN's audio adapter, numerically identical to ``SALMONN._encode_audi
 4. a Linear projects every query output to the LLM's hidden size; the windows are laid out
    in time order -> ``[B, W * Q, llm_hidden_size]``.
 
-Module names are omnivox's own; ``adapters/salmonn.py`` maps them to and from the official
+Module names are omnivox's own; ``convert/salmonn.py`` maps them to and from the official
 state-dict names (``speech_Qformer.bert.encoder.layer.N...``).
 """
 
@@ -286,6 +286,24 @@ class AudioAdapter(nn.Module):
         if num_frames is not None:
             covering = min(covering, self.num_windows(num_frames))
         return covering
+
+    def num_tokens_covering(self, num_valid_frames: int) -> int:
+        """LLM tokens of the windows that hold some of the first ``num_valid_frames`` frames."""
+        return self.num_windows_covering(num_valid_frames) * self.config.queries_per_window
+
+    def frames_read(self, num_valid_frames: int) -> int:
+        """Fused frames that the windows covering ``num_valid_frames`` frames read (the last window
+        may reach past the audio: those frames are zero-padded, see :meth:`fuse`'s ``min_frames``)."""
+        return (self.num_windows_covering(num_valid_frames) - 1) * self.config.stride_frames + self.config.kernel_frames
+
+    def valid_frames(self, num_samples: int, sample_rate: int) -> int:
+        """Fused frames that carry ``num_samples`` samples of audio at ``sample_rate`` (at least 1)."""
+        return max(1, math.ceil(num_samples * self.config.frame_rate / sample_rate))
+
+    @property
+    def tokens_per_second(self) -> float:
+        """LLM tokens per second of audio (SALMONN: 50 Hz frames, stride 17, 1 query: ~2.94)."""
+        return self.config.frame_rate / self.config.stride_frames * self.config.queries_per_window
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ Pipeline:
    mp3 with libsndfile >= 1.1, aiff, ...). Anything libsndfile cannot open (m4a, webm, wma,
    ...) goes to the ``ffmpeg`` command line tool: no shell, local files only, a fixed list of
    audio/video containers, decoded to 32-bit float WAV on a pipe. Integer PCM is scaled to
-   [-1, 1) (int16 / 32768, and so on); nothing is clipped.
+   [-1, 1) (int16 / 32768, and so on); nothing is clipped. A WAV cut short (its header
+   declares more frames than the file holds) is read as far as it goes, with one warning.
+   What libsndfile's decoders print on the process's stderr is logged at INFO instead.
 2. Check: sample rate in [1000, 384000] Hz, at least one sample, no NaN/inf, at most
    ``max_seconds`` long (never truncated). A float peak above 1.0 is logged, not clipped.
 3. Mix down to mono: channel 0 by default, as SALMONN does (``channel="first"``), or the
@@ -24,15 +26,18 @@ Long audio is cut into model windows by :func:`split_windows`.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -292,7 +297,7 @@ def _read_soundfile(
     ffmpeg); raises AudioInputError for files it opens but that break the rules. ``capped``
     says ffmpeg stopped decoding at ``max_seconds`` + 1 s, so the true length is unknown.
     """
-    with sf.SoundFile(file) as f:
+    with _native_stderr_to_log(label), sf.SoundFile(file) as f:
         rate = int(f.samplerate)
         _check_sample_rate(rate, label)
         max_frames = -1 if max_seconds is None else math.floor(max_seconds * rate)
@@ -301,10 +306,101 @@ def _read_soundfile(
         data = f.read(
             frames=-1 if max_frames < 0 else max_frames + 1, dtype="float32", always_2d=True
         )  # [S, C]
+        is_wav = f.format in ("WAV", "WAVEX")
     if max_frames >= 0 and data.shape[0] > max_frames:
         # The header understated the length (or ffmpeg stopped early): say what we know.
         _too_long(label, f"is longer than {data.shape[0] / rate:.1f} s", max_seconds)
+    if is_wav and decoder == "libsndfile":  # ffmpeg's WAV on a pipe has no length in its header
+        _warn_if_truncated_wav(file, label, data.shape[0], rate)
     return _Decoded(data=data, sample_rate=rate, decoder=decoder)
+
+
+def _warn_if_truncated_wav(file: str | io.BytesIO, label: str, frames_read: int, rate: int) -> None:
+    """Log one warning when a WAV header declares more frames than the file holds.
+
+    A download or a recording cut short leaves the header's 'data' size larger than the bytes
+    present; libsndfile then quietly reports (and reads) only the frames present, so the header
+    is read here, as sox ("Premature EOF") and ffmpeg do. The frames read are still used.
+    """
+    declared = _wav_declared_frames(file)
+    if declared is not None and declared > frames_read:
+        logger.warning(
+            "%s: truncated file: its header declares %d frames (%.2f s), only %d frames (%.2f s) could be "
+            "read; using those",
+            label, declared, declared / rate, frames_read, frames_read / rate,
+        )  # fmt: skip
+
+
+# 'data' sizes that mean "length unknown": left by writers on a pipe (0, 0xFFFFFFFF; sox 0x7FFFF000)
+# and by RF64, which keeps the real size in its ds64 chunk.
+_WAV_UNKNOWN_SIZES = (0, 0x7FFFF000, 0xFFFFFFFF)
+_MAX_RIFF_CHUNKS = 64  # bounds the walk over an untrusted header
+
+
+def _wav_declared_frames(file: str | io.BytesIO) -> int | None:
+    """Frames the 'data' chunk of a RIFF (or big-endian RIFX) WAVE header declares; None if unknown."""
+    with open(file, "rb") if isinstance(file, str) else contextlib.nullcontext(file) as f:
+        f.seek(0)
+        head = f.read(12)
+        if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+            return None
+        endian = "<" if head[:4] == b"RIFF" else ">"
+        block_align = 0  # bytes per frame, from the 'fmt ' chunk
+        for _ in range(_MAX_RIFF_CHUNKS):
+            chunk = f.read(8)
+            if len(chunk) < 8:
+                return None
+            chunk_id, (size,) = chunk[:4], struct.unpack(endian + "I", chunk[4:])
+            if chunk_id == b"data":
+                return None if block_align == 0 or size in _WAV_UNKNOWN_SIZES else size // block_align
+            start = f.tell()
+            if chunk_id == b"fmt ":
+                fmt = f.read(16)  # format tag, channels, rate, bytes/s, block align, bits
+                if len(fmt) < 16:
+                    return None
+                (block_align,) = struct.unpack_from(endian + "H", fmt, 12)
+            f.seek(start + size + (size & 1))  # chunks are padded to an even length
+    return None
+
+
+# dup2 on file descriptor 2 affects the whole process: one capture at a time.
+_NATIVE_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log(label: str) -> Iterator[None]:
+    """Keep what native decoders write to file descriptor 2 off the terminal; log it at INFO instead.
+
+    libsndfile's mp3 decoder (mpg123) prints lines such as "Note: Illegal Audio-MPEG-Header ..."
+    with C's stderr while it probes a file, out of reach of ``sys.stderr`` and ``logging``. Here
+    fd 2 points at a temporary file during the decode; its text is logged (``omnivox -v``
+    shows it) and a failure still becomes one AudioInputError. Anything another thread writes
+    to stderr in that time is logged the same way.
+    """
+    with _NATIVE_STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr (fd 2 closed): nothing to keep off it
+            yield
+            return
+        _flush_stderr()  # Python's pending text goes where it was meant to go
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode("utf-8", "replace").splitlines()
+            said = " | ".join(line.strip() for line in lines if line.strip())
+            if said:
+                logger.info("%s: the decoder said: %s", label, said)
+
+
+def _flush_stderr() -> None:
+    with contextlib.suppress(Exception):  # a replaced sys.stderr may be closed or None
+        sys.stderr.flush()
 
 
 def _decode_ffmpeg(path: Path, label: str, max_seconds: float | None, sndfile_reason: str) -> _Decoded:

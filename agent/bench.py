@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.assistant import Assistant
+from omnivox.agent.model import OmnivoxModel
 from omnivox.prompts import Message
 
 
@@ -62,8 +63,8 @@ def _with_audio_settings(model: OmnivoxModel, **changes) -> OmnivoxModel:
 
 def _first_token_time(model: OmnivoxModel, clip: np.ndarray) -> float:
     start = time.perf_counter()
-    tokens = model.encode_clip(clip)
-    batch = model.build_inputs([[Message("user", "Describe the audio.", num_audio=1)]], [[tokens]])
+    encoded = model.encode_clip(clip)
+    batch = model.build_inputs([[Message("user", "Describe the audio.", num_audio=1)]], [[encoded]])
     model.llm.generate(
         inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, max_new_tokens=1, do_sample=False
     )
@@ -106,12 +107,13 @@ def _load_seconds(folder: Path, device: str, dtype: torch.dtype, peft_merge: boo
 
 @torch.inference_mode()
 def run_benchmark(
-    model: OmnivoxModel, out: Path | None = None, repeats: int = 3, decode_tokens: int = 32, folder: Path | None = None
+    assistant: Assistant, out: Path | None = None, repeats: int = 3, decode_tokens: int = 32, folder: Path | None = None
 ) -> dict:
     """Measure and print the figures; return them (and write JSON to ``out``).
 
-    ``folder``: the model folder ``model`` came from; adds the load figure.
+    ``folder``: the model folder ``assistant`` came from; adds the load figure.
     """
+    model = assistant.model
     from rich.console import Console
     from rich.table import Table
 
@@ -128,17 +130,17 @@ def run_benchmark(
         ref = _timed(lambda clip=clip: _first_token_time(full, clip), repeats)
         results[f"ttft_{int(seconds)}s_audio_s"] = {"omnivox": ours, "baseline": ref, "baseline_name": "all window tokens"}
 
-    tokens = model.encode_clip(_test_audio(10.0, seed=2))
+    tokens = model.encode_clip(_test_audio(10.0, seed=2)).tokens
     cached = statistics.median(_decode_rate(model, tokens, decode_tokens, True) for _ in range(repeats))
     uncached = statistics.median(_decode_rate(model, tokens, decode_tokens, False) for _ in range(repeats))
     results["decode_tokens_per_s"] = {"omnivox": cached, "baseline": uncached, "baseline_name": "no KV cache"}
 
-    if model.transcriber is not None:
+    if assistant.transcriber is not None:
         clip = _test_audio(10.0, seed=3)
-        on = GenerationSettings.for_model(model.config, num_beams=1, do_sample=False, max_new_tokens=64)
+        on = assistant.settings(num_beams=1, do_sample=False, max_new_tokens=64)
         off = replace(on, use_transcriber=False)
-        with_t = _timed(lambda: model.chat("Transcribe the speech.", [clip], on), repeats)
-        alone = _timed(lambda: model.chat("Transcribe the speech.", [clip], off), repeats)
+        with_t = _timed(lambda: assistant.chat("Transcribe the speech.", [clip], on), repeats)
+        alone = _timed(lambda: assistant.chat("Transcribe the speech.", [clip], off), repeats)
         results["transcribe_10s_s"] = {"omnivox": with_t, "baseline": alone, "baseline_name": "LLM alone"}
 
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.assistant import Assistant
+from omnivox.agent.generation import Generation, GenerationSettings
+from omnivox.agent.model import EncodedClip
 from omnivox.prompts import Message
 
 
@@ -15,31 +16,35 @@ class ChatSession:
     """Keeps the turns and the encoded audio of a conversation.
 
     Clips added with :meth:`add_audio` are encoded at once and attached to the next user
-    turn; later turns reuse the stored audio tokens instead of encoding again.
+    turn; later turns reuse the stored clips instead of encoding again.
     """
 
-    def __init__(self, model: OmnivoxModel, settings: GenerationSettings | None = None) -> None:
-        self.model = model
-        self.settings = settings or GenerationSettings.for_model(model.config)
+    def __init__(self, assistant: Assistant, settings: GenerationSettings | None = None) -> None:
+        self.assistant = assistant
+        self.settings = settings or assistant.model.config.generation
         self.reset()
 
     def reset(self) -> None:
         """Forget the conversation and its audio."""
         self.messages: list[Message] = []
-        self.audio: list[torch.Tensor] = []  # [N_i, H] per clip, in order of appearance
+        self.audio: list[EncodedClip] = []  # in order of appearance
         self._pending = 0
 
     def add_audio(self, samples: np.ndarray) -> int:
         """Encode a 16 kHz mono clip for the next question; returns its number of audio tokens."""
-        tokens = self.model.encode_clip(samples)
-        self.audio.append(tokens)
+        clip = self.assistant.encode_clip(samples)
+        self.audio.append(clip)
         self._pending += 1
-        return tokens.shape[0]
+        return clip.num_tokens
 
-    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+    def ask_generation(self, question: str, on_text: Callable[[str], None] | None = None) -> Generation:
         """Answer ``question`` in the context of the previous turns and all clips so far."""
         turn = Message("user", question, num_audio=self._pending)
-        answer = self.model.generate([[*self.messages, turn]], [self.audio], self.settings, on_text=on_text)[0]
-        self.messages += [turn, Message("assistant", answer)]
+        answer = self.assistant.generate([[*self.messages, turn]], [self.audio], self.settings, on_text=on_text)[0]
+        self.messages += [turn, Message("assistant", answer.text)]
         self._pending = 0
         return answer
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> str:
+        """The text of :meth:`ask_generation`'s answer."""
+        return self.ask_generation(question, on_text).text

@@ -13,6 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
+from omnivox.convert.cli import (
+    add_convert_salmonn_arguments,
+    add_convert_whisper_arguments,
+    run_convert_salmonn,
+    run_convert_whisper,
+)
 from omnivox.errors import OmnivoxError, UserInputError
 
 log = logging.getLogger("omnivox")
@@ -39,11 +45,13 @@ def model_folder(args: argparse.Namespace) -> Path:
     return Path(args.model) if args.model else default_model_dir()
 
 
-def load_model_for_cli(args: argparse.Namespace):
-    """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags."""
+def load_model_for_cli(args: argparse.Namespace, transcriber: bool = True):
+    """Load ``--model`` (or the bundled default) with the device/dtype/quantization flags, as an
+    :class:`~omnivox.agent.assistant.Assistant` (``transcriber=False``: without the folder's
+    Whisper transcriber)."""
     import torch
 
-    from omnivox.agent.model import OmnivoxModel
+    from omnivox.agent.assistant import Assistant
 
     folder = model_folder(args)
     if not (folder / "config.json").is_file():
@@ -55,21 +63,22 @@ def load_model_for_cli(args: argparse.Namespace):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(f"--device {args.device}: CUDA is not available on this machine")
     with _stderr_console().status(f"Loading model from {folder} ..."):
-        return OmnivoxModel.from_pretrained(
+        return Assistant.from_pretrained(
             folder,
             device=args.device,
             dtype=getattr(torch, args.dtype),
             quantization=quant,
             lora_scale=args.lora_scale,
+            transcriber=transcriber,
         )
 
 
 def generation_overrides(args: argparse.Namespace) -> dict:
     """The decoding flags given, checked (so that bad values fail before a big model loads).
 
-    The model's default decoding (``GenerationSettings.for_model(config, **overrides)``) applies under them.
+    The model's default decoding (``config.generation.override(**overrides)``) applies under them.
     """
-    from omnivox.agent.model import GenerationSettings
+    from omnivox.agent.generation import GenerationSettings
 
     if args.greedy and args.temperature is not None:
         raise UserInputError("--greedy and --temperature exclude each other")
@@ -82,8 +91,8 @@ def generation_overrides(args: argparse.Namespace) -> dict:
         overrides.update(num_beams=1, do_sample=True, temperature=args.temperature)
     elif args.num_beams is not None:
         overrides.update(num_beams=args.num_beams, do_sample=False)
-    if args.ctc_weight is not None:
-        overrides["ctc_weight"] = args.ctc_weight
+    if args.ctc_fusion_weight is not None:
+        overrides["ctc_fusion_weight"] = args.ctc_fusion_weight
     if args.no_transcriber:
         overrides["use_transcriber"] = False
     GenerationSettings(**overrides)  # raises UserInputError naming the bad value
@@ -93,13 +102,12 @@ def generation_overrides(args: argparse.Namespace) -> dict:
 def cmd_chat(args: argparse.Namespace) -> int:
     from omnivox.agent.audio import load_audio
     from omnivox.agent.chat import ChatSession
-    from omnivox.agent.model import GenerationSettings
 
     overrides = generation_overrides(args)  # flags and audio are checked before loading a big model
     clips = [load_audio(path) for path in args.audio]
-    model = load_model_for_cli(args)
-    settings = GenerationSettings.for_model(model.config, **overrides)
-    session = ChatSession(model, settings)
+    assistant = load_model_for_cli(args, transcriber=not args.no_transcriber)
+    settings = assistant.settings(**overrides)
+    session = ChatSession(assistant, settings)
     for clip in clips:
         session.add_audio(clip.samples)
 
@@ -137,29 +145,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"omnivox: error: {err}", file=sys.stderr)
 
 
-def cmd_convert_whisper(args: argparse.Namespace) -> int:
-    from omnivox.encoders.whisper_ct2 import convert_ctranslate2_whisper
-
-    out = convert_ctranslate2_whisper(Path(args.src) if args.src else None, Path(args.out))
-    print(out)
-    return 0
-
-
-def cmd_convert_salmonn(args: argparse.Namespace) -> int:
-    from omnivox.adapters.convert import convert_salmonn
-
-    out = convert_salmonn(
-        ckpt=Path(args.ckpt),
-        whisper=args.whisper,
-        beats=args.beats,
-        llm=args.llm,
-        out=Path(args.out),
-        num_heads=args.qformer_heads,
-    )
-    print(out)
-    return 0
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
@@ -180,10 +165,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from omnivox.agent.bench import run_benchmark
 
-    model = load_model_for_cli(args)
+    assistant = load_model_for_cli(args)
     plain = not (args.load_in_8bit or args.load_in_4bit or args.lora_scale != 1.0)
     folder = model_folder(args) if plain else None
-    run_benchmark(model, out=Path(args.out) if args.out else None, repeats=args.repeats, folder=folder)
+    run_benchmark(assistant, out=Path(args.out) if args.out else None, repeats=args.repeats, folder=folder)
     return 0
 
 
@@ -208,8 +193,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="greedy decoding (default: the model's, see its config.json 'generation')")
     chat.add_argument("--num-beams", type=int, default=None, help="beam search width (default: the model's; 4 when it sets none)")
     chat.add_argument("--max-new-tokens", type=int, default=None, help="answer length limit (default: the model's; 200 when it sets none)")
-    chat.add_argument("--ctc-weight", type=float, default=None,
-                      help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
+    chat.add_argument("--ctc-fusion-weight", type=float, default=None,
+                      help="weight of the CTC head when decoding transcripts jointly, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
     chat.add_argument("--no-transcriber", action="store_true",
                       help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
@@ -219,17 +204,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="convert checkpoints into omnivox formats")
     csub = convert.add_subparsers(dest="what", required=True)
     cw = csub.add_parser("whisper", help="CTranslate2 Whisper -> openai-whisper .pt")
-    cw.add_argument("--out", required=True, help="output .pt file")
-    cw.add_argument("--from", dest="src", help="CTranslate2 Whisper folder (default: bundled tiny.en)")
-    cw.set_defaults(func=cmd_convert_whisper)
+    add_convert_whisper_arguments(cw)
+    cw.set_defaults(func=run_convert_whisper)
     cs = csub.add_parser("salmonn", help="SALMONN .pth -> omnivox model folder")
-    cs.add_argument("--ckpt", required=True, help="salmonn_v1.pth / salmonn_7b_v0.pth")
-    cs.add_argument("--whisper", required=True, help="Whisper: HF folder/id, openai-whisper .pt or name")
-    cs.add_argument("--beats", required=True, help="BEATs checkpoint .pt")
-    cs.add_argument("--llm", required=True, help="Vicuna: HF folder or hub id")
-    cs.add_argument("--out", required=True, help="output model folder")
-    cs.add_argument("--qformer-heads", type=int, default=None, help="Q-Former heads (not stored in the file; default 12 for hidden 768, required otherwise)")
-    cs.set_defaults(func=cmd_convert_salmonn)
+    add_convert_salmonn_arguments(cs)
+    cs.set_defaults(func=run_convert_salmonn)
 
     data = sub.add_parser("data", help="make training data (data synth: reproducible synthetic speech/sound)")
     ev = sub.add_parser("eval", help="evaluate a model folder on a suite (asr, sound, qa, format, multiturn, fixtures, all)")
@@ -272,11 +251,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def quiet_library_noise() -> None:
-    """Hide library chatter that only confuses users of the command line.
+    """Hide library chatter that only confuses users of the command line (``--verbose`` keeps it).
 
-    bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing
-    (its own fallback is used); libraries' deprecation notices likewise.
+    - transformers logs through a stderr handler of its own, not through the root logger that
+      ``logging.basicConfig`` sets up, so its level is set here: otherwise every model load
+      prints a "LOAD REPORT" table of the checkpoint weights a model leaves unused (the
+      decoder, when only the encoder of an HF Whisper checkpoint is loaded; omnivox checks
+      the weights it needs itself).
+    - transformers' tqdm bars ("Loading weights", "Writing model shards") and huggingface_hub's
+      download bars are switched off (transformers' switch turns off both).
+    - bitsandbytes warns at import on AVX512-BF16 CPUs that an optional hub kernel is missing
+      (its own fallback is used); libraries' deprecation notices likewise.
+
+    What native decoders print while audio is read is kept off the terminal by
+    :func:`omnivox.agent.audio.load_audio` itself.
     """
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from omnivox.adapters.qformer import QFormerConfig
+from omnivox.agent.generation import GenerationSettings
 from omnivox.errors import CheckpointError
 
-FORMAT_VERSION = 1
+# 2: the decoding fields ctc_weight / ctc_candidates became ctc_fusion_weight / ctc_fusion_candidates
+#    and the transcriber's ctc_weight became ctc_rescore_weight (version 1 folders are read by
+#    ``_upgrade_v1``)
+FORMAT_VERSION = 2
 # Encoder kinds and the loader options each accepts (see omnivox.agent.model.ENCODER_LOADERS).
 ENCODER_OPTIONS: dict[str, frozenset[str]] = {
     "whisper": frozenset({"pad_to_window"}),
@@ -108,46 +112,45 @@ class AudioSettings:
 
 @dataclass(frozen=True)
 class TranscriberSettings:
-    """Whisper's own decoder answering transcription requests (``encoders/whisper_decoder.py``).
+    """Whisper's own decoder answering transcription requests (``agent/transcriber.py``,
+    composed by ``agent/transcription.py``).
 
     For a request to transcribe one clip of at most 30 s, Whisper's ``beam_size`` best
     transcripts and the LLM's own answer are the candidates; the answer is the one with the
-    highest ``whisper_weight * log p_Whisper + llm_weight * log p_LLM + ctc_weight * log p_CTC``
+    highest ``whisper_weight * log p_Whisper + llm_weight * log p_LLM + ctc_rescore_weight * log p_CTC``
     (each the log-probability of the whole text given the audio; the CTC term needs the folder's
-    CTC head). Longer clips get Whisper's long-form transcript.
+    CTC head). With ``llm_weight`` 0 the LLM does not answer at all (Whisper's candidates
+    only). Longer clips get Whisper's long-form transcript.
 
     Attributes:
         path: an openai-whisper checkpoint: a ``.pt`` file with ``dims``, an official name, or
             ``ct2-whisper:REF`` (relative paths are relative to the model folder).
         beam_size: Whisper's beam, and how many of its transcripts are candidates.
-        whisper_weight, llm_weight, ctc_weight: the weights of the three scores (>= 0).
+        whisper_weight, llm_weight, ctc_rescore_weight: the weights of the three scores (>= 0).
     """
 
     path: str
     beam_size: int = 5
     whisper_weight: float = 1.0
     llm_weight: float = 0.0
-    ctc_weight: float = 0.0
+    ctc_rescore_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             raise CheckpointError(f"transcriber: path must name a Whisper checkpoint, got {self.path!r}")
         if isinstance(self.beam_size, bool) or not isinstance(self.beam_size, int) or not 1 <= self.beam_size <= 32:
             raise CheckpointError(f"transcriber: beam_size must be an integer in [1, 32], got {self.beam_size!r}")
-        weights = {"whisper_weight": self.whisper_weight, "llm_weight": self.llm_weight, "ctc_weight": self.ctc_weight}
+        weights = {
+            "whisper_weight": self.whisper_weight,
+            "llm_weight": self.llm_weight,
+            "ctc_rescore_weight": self.ctc_rescore_weight,
+        }
         for name, value in weights.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise CheckpointError(f"transcriber: {name} must be a number >= 0, got {value!r}")
         if not any(weights.values()):
-            raise CheckpointError("transcriber: at least one of whisper_weight, llm_weight, ctc_weight must be > 0")
+            raise CheckpointError("transcriber: at least one of whisper_weight, llm_weight, ctc_rescore_weight must be > 0")
 
-
-# Decoding settings a model folder may set as its defaults (``GenerationSettings`` fields) and their types.
-GENERATION_KEYS: dict[str, type | tuple[type, ...]] = {
-    "max_new_tokens": int, "num_beams": int, "do_sample": bool, "temperature": (int, float), "top_p": (int, float),
-    "repetition_penalty": (int, float), "length_penalty": (int, float), "min_new_tokens": int,
-    "ctc_weight": (int, float), "ctc_candidates": int, "use_transcriber": bool,
-}
 
 
 @dataclass(frozen=True)
@@ -163,9 +166,9 @@ class OmnivoxConfig:
         audio: windowing of the audio.
         llm_gguf_file: file name inside ``llm`` when the LLM is a GGUF file.
         transcriber: Whisper's own decoder for transcription requests, or None (the LLM answers).
-        generation: the model's default decoding, as ``GenerationSettings`` fields (e.g.
-            ``{"num_beams": 1}`` for a small model that beam search makes terse); empty:
-            SALMONN's beam 4. What a caller passes overrides it.
+        generation: the model's default decoding (in ``config.json`` the fields that differ from
+            SALMONN's beam 4, e.g. ``{"num_beams": 1}`` for a small model that beam search makes
+            terse). A caller overrides it: ``config.generation.override(max_new_tokens=64)``.
         format_version: version of the folder format.
     """
 
@@ -176,20 +179,13 @@ class OmnivoxConfig:
     prompt_style: str = "salmonn"
     audio: AudioSettings = field(default_factory=AudioSettings)
     llm_gguf_file: str | None = None
-    generation: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     transcriber: TranscriberSettings | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if not isinstance(self.generation, dict):
-            raise CheckpointError(f"generation must be an object of decoding settings, got {type(self.generation).__name__}")
-        for key, value in self.generation.items():
-            kind = GENERATION_KEYS.get(key)
-            if kind is None:
-                raise CheckpointError(f"generation: unknown setting {key!r}; known: {sorted(GENERATION_KEYS)}")
-            if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-                wanted = kind.__name__ if isinstance(kind, type) else "a number"
-                raise CheckpointError(f"generation: {key} must be {wanted}, got {value!r}")
+        if not isinstance(self.generation, GenerationSettings):
+            raise CheckpointError(f"generation must be GenerationSettings, got {type(self.generation).__name__}")
         if self.transcriber is not None and not isinstance(self.transcriber, TranscriberSettings):
             raise CheckpointError(f"transcriber must be TranscriberSettings or None, got {type(self.transcriber).__name__}")
         if not self.encoders:
@@ -207,11 +203,15 @@ class OmnivoxConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["qformer"] = self.qformer.to_dict()
+        data["generation"] = self.generation.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmnivoxConfig:
         _check_fields(data, cls, "config")
+        version = data.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version < 2:
+            data = _upgrade_v1(data)
         try:
             lora = data.get("lora", {})
             return cls(
@@ -222,7 +222,7 @@ class OmnivoxConfig:
                 prompt_style=data.get("prompt_style", "salmonn"),
                 audio=AudioSettings(**data.get("audio", {})),
                 llm_gguf_file=data.get("llm_gguf_file"),
-                generation=data.get("generation", {}),
+                generation=GenerationSettings.from_dict(data.get("generation", {})),
                 transcriber=_transcriber(data.get("transcriber")),
                 format_version=data.get("format_version", FORMAT_VERSION),
             )
@@ -243,6 +243,22 @@ class OmnivoxConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data)
+
+
+# version-1 names -> version-2 names, per section of config.json
+_V1_RENAMES = {
+    "generation": {"ctc_weight": "ctc_fusion_weight", "ctc_candidates": "ctc_fusion_candidates"},
+    "transcriber": {"ctc_weight": "ctc_rescore_weight"},
+}
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 config.json read as version 2 (renamed decoding fields; nothing else changed)."""
+    data = dict(data, format_version=FORMAT_VERSION)
+    for section, renames in _V1_RENAMES.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {renames.get(k, k): v for k, v in data[section].items()}
+    return data
 
 
 def _transcriber(data: Any) -> TranscriberSettings | None:

@@ -1,7 +1,7 @@
 """Joint CTC / LLM decoding of transcripts.
 
 When a model folder carries its CTC head (``ctc_head.safetensors``) and the decoding settings
-give ``ctc_weight > 0``, a request to transcribe one clip is decoded with the LLM's scores
+give ``ctc_fusion_weight > 0``, a request to transcribe one clip is decoded with the LLM's scores
 fused with the CTC prefix scores of that clip (:class:`omnivox.adapters.ctc.CTCPrefixScorer`):
 each step, the LLM's ``ctc_candidates`` most likely next tokens (and the stop token) are
 rescored as
@@ -14,14 +14,13 @@ score of the whole answer, as in hybrid CTC/attention ASR (Watanabe et al. 2017)
 LLM that would otherwise complete a sentence from its first words is held to what the audio
 frames carry; greedy decoding and beam search both go through it.
 
-Only transcription requests are fused (:func:`is_transcription_request`): any other answer
-(a caption, a count, JSON) is not a reading of the audio token by token, and CTC would
-penalise it.
+Only transcription requests are fused (the transcription step, ``agent/transcription.py``,
+decides which items those are): any other answer (a caption, a count, JSON) is not a
+reading of the audio token by token, and CTC would penalise it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,37 +28,6 @@ import torch
 from transformers import LogitsProcessor
 
 from omnivox.adapters.ctc import CTCPrefixScorer, PrefixState
-
-_TRANSCRIBE = re.compile(
-    r"\b(transcri(be|bed|bing|ption|pt)|word for word|verbatim|dictat\w*|"
-    r"write down (exactly |precisely )?what|what (is|was|are|were) (being |they |he |she )?(said|saying|spoken)|"
-    r"what('s| is) said|what (does|did|do) (the |this )?(voice|speaker|person|man|woman|narrator|he|she|they|it) say)\b",
-    re.IGNORECASE,
-)
-# answers that are not the words alone: a format, a summary, a translation, a question about them
-_OTHER_ANSWER = re.compile(
-    r"\b(json|list|bullet|one word|single word|summar\w*|translat\w*|how many|count|language|who|why|"
-    r"colou?r|number of|yes or no|emotion|tone of)\b",
-    re.IGNORECASE,
-)
-
-
-# "Reply in JSON as {"text": "..."}" and the like: the words alone, wrapped in a JSON object
-_JSON_WRAP = re.compile(r"\b(reply|answer|respond|return|format|output)?\s*(in|as)\s+json\b[^.?!]*", re.IGNORECASE)
-
-
-def is_transcription_request(text: str) -> bool:
-    """True for an instruction that asks for the spoken words alone ("Transcribe the speech.", "What is said?")."""
-    return bool(_TRANSCRIBE.search(text)) and not _OTHER_ANSWER.search(text)
-
-
-def is_json_transcription_request(text: str) -> bool:
-    """True for a transcription request whose answer is to be a JSON object
-    ('What is said? Reply in JSON as {"text": "..."}.')."""
-    if not _JSON_WRAP.search(text):
-        return False
-    rest = _JSON_WRAP.sub(" ", re.sub(r"\{[^{}]*\}", " ", text))  # without the JSON clause and its example
-    return is_transcription_request(rest) and "json" not in rest.lower()
 
 
 class CTCFusion(LogitsProcessor):

@@ -1,9 +1,9 @@
 """``make demo``: the bundled nano model answers questions about bundled example clips.
 
 Run with ``python -m omnivox.agent.demo [--model DIR]``. The clips live in
-``assets/examples`` (speech in held-out voices, sound events, a mixture) with the
-questions in ``assets/examples/questions.json``; the real JFK clip from the shared
-fixtures is added when that folder exists.
+``assets/examples`` (a real speech recording, speech in held-out voices, sound events, a
+mixture) with the questions in ``assets/examples/questions.json``; ``sources.json`` there
+says where each clip comes from, its licence and its reference answer.
 """
 
 from __future__ import annotations
@@ -14,25 +14,20 @@ import sys
 import time
 from pathlib import Path
 
+from omnivox.agent.assistant import Assistant
 from omnivox.agent.audio import load_audio
 from omnivox.agent.cli import default_model_dir, quiet_library_noise
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
 from omnivox.errors import OmnivoxError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
-JFK = ROOT.parent / "shared" / "fixtures" / "speech" / "jfk.flac"
 
 
 def _examples() -> list[tuple[Path, list[str], dict]]:
     """(clip, questions, what the clip holds) for each example."""
     questions = json.loads((EXAMPLES / "questions.json").read_text())
     sources = json.loads((EXAMPLES / "sources.json").read_text())
-    items = [(EXAMPLES / name, qs, sources.get(name, {})) for name, qs in questions.items()]
-    if JFK.is_file():
-        truth = "And so my fellow Americans, ask not what your country can do for you, ask what you can do for your country."
-        items.insert(0, (JFK, ["Transcribe the speech."], {"instruction": "Transcribe the speech.", "answer": truth}))
-    return items
+    return [(EXAMPLES / name, qs, sources.get(name, {})) for name, qs in questions.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,20 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         folder = args.model or default_model_dir()
         start = time.perf_counter()
         with console.status(f"Loading {folder} ..."):
-            model = OmnivoxModel.from_pretrained(folder)
+            assistant = Assistant.from_pretrained(folder)
         console.print(f"[dim]loaded {folder} in {time.perf_counter() - start:.1f} s[/dim]")
-        settings = GenerationSettings.for_model(model.config, max_new_tokens=64)  # as `omnivox chat` decodes
+        settings = assistant.settings(max_new_tokens=64)  # as `omnivox chat` decodes
         for path, questions, source in _examples():
             clip = load_audio(path)
             console.rule(f"{path.name}  ({clip.duration:.1f} s)")
             holds = ", ".join(f"{k}: {source[k]}" for k in ("voice", "sounds", "background") if source.get(k))
             if holds:
                 console.print(f"[dim]{holds}[/dim]")
-            tokens = model.encode_clip(clip.samples)
+            encoded = assistant.encode_clip(clip.samples)
             for question in questions:
                 from omnivox.prompts import Message
 
-                answer = model.generate([[Message("user", question, num_audio=1)]], [[tokens]], settings)[0]
+                answer = assistant.generate([[Message("user", question, num_audio=1)]], [[encoded]], settings)[0].text
                 console.print(f"[bold]Q:[/bold] {question}\n[bold green]A:[/bold green] {answer}")
                 if question == source.get("instruction"):
                     console.print(f"[dim]   reference: {source['answer']}[/dim]")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from omnivox.agent.config import OmnivoxConfig
-from omnivox.agent.model import resolve_ref
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.loading import resolve_ref
 from omnivox.encoders.base import sha256_file
 from omnivox.errors import CheckpointError, UserInputError
 
@@ -56,8 +57,8 @@ def export_model_folder(src: str | Path, dst: str | Path, *, generation: dict[st
         elif local is not None and local.exists():
             raise UserInputError(f"export: encoder {ref.kind} points at {local}, a folder; only checkpoint files are copied")
         encoders.append(ref)
-    new_config = replace(config, encoders=tuple(encoders), generation=config.generation if generation is None else generation)
-    new_config = OmnivoxConfig.from_dict(new_config.to_dict())  # validates the generation settings
+    settings = config.generation if generation is None else GenerationSettings.from_dict(generation, "--generation")
+    new_config = replace(config, encoders=tuple(encoders), generation=settings)
 
     for name in COPIED_FILES:
         if (src / name).is_file():

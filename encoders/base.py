@@ -6,7 +6,7 @@ frame features with their valid lengths::
     waveforms [B, S] float32 in [-1, 1], lengths [B] (samples)  ->  features [B, N, D], lengths [B] (frames)
 
 Encoders are frozen feature extractors: they never see more than one window of
-audio (``max_samples``); long audio is split by the caller (``omnivox.agent.model``).
+audio (``max_samples``); long audio is split into windows by the caller (the assembled model).
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together (default 8)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
-    parser.add_argument("--ctc-weight", type=float, default=None,
-                        help="weight of the CTC head in transcripts, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
+    parser.add_argument("--ctc-fusion-weight", type=float, default=None,
+                        help="weight of the CTC head when decoding transcripts jointly, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
     parser.add_argument("--no-transcriber", action="store_true",
                         help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
@@ -46,7 +46,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``omnivox eval``; returns the exit status. User errors raise ``UserInputError`` (the CLI prints them)."""
     from omnivox.agent.cli import load_model_for_cli, model_folder
-    from omnivox.agent.model import GenerationSettings
+    from omnivox.agent.generation import GenerationSettings
     from omnivox.evaluation.report import print_table, write_results
     from omnivox.evaluation.runner import run_selection, select, validate
 
@@ -64,16 +64,16 @@ def run_eval(args: argparse.Namespace) -> int:
     validate(selection)  # before loading a big model
     # the model's own decoding defaults (what `omnivox chat` does), greedy unless --num-beams says otherwise
     overrides = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
-    if args.ctc_weight is not None:
-        overrides["ctc_weight"] = args.ctc_weight
+    if args.ctc_fusion_weight is not None:
+        overrides["ctc_fusion_weight"] = args.ctc_fusion_weight
     if args.no_transcriber:
         overrides["use_transcriber"] = False
     GenerationSettings(**overrides)  # bad flags fail here, not after a big model has loaded
     model_dir = model_folder(args)
-    model = load_model_for_cli(args)
-    settings = GenerationSettings.for_model(model.config, **overrides)
+    assistant = load_model_for_cli(args, transcriber=not args.no_transcriber)
+    settings = assistant.settings(**overrides)
     results = run_selection(
-        model,
+        assistant,
         selection,
         batch_size=args.batch_size,
         settings=settings,

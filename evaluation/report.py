@@ -59,7 +59,7 @@ def _transcriber(settings: dict | None) -> str:
         return "transcripts by the LLM"
     return (
         f"transcripts chosen among Whisper's {settings['beam_size']} best and the LLM's (weights Whisper "
-        f"{settings['whisper_weight']}, LLM {settings['llm_weight']}, CTC {settings['ctc_weight']})"
+        f"{settings['whisper_weight']}, LLM {settings['llm_weight']}, CTC {settings['ctc_rescore_weight']})"
     )
 
 
@@ -69,8 +69,8 @@ def markdown(results: EvalResults) -> str:
         f"# omnivox eval: suite `{results.suite}`, split `{results.split}`",
         "",
         f"model: `{results.model}`; data: `{results.data}`; decoding: beams {results.settings.get('num_beams')}, "
-        f"max {results.settings.get('max_new_tokens')} new tokens, CTC weight in transcripts "
-        f"{results.settings.get('ctc_weight', 0.0)}; {_transcriber(results.settings.get('transcriber'))}",
+        f"max {results.settings.get('max_new_tokens')} new tokens, CTC fusion weight in transcripts "
+        f"{results.settings.get('ctc_fusion_weight', 0.0)}; {_transcriber(results.settings.get('transcriber'))}",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
         "|" + "|".join(["---", "---", "---:", "---:", "---:"]) + "|",

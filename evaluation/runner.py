@@ -213,7 +213,8 @@ def generate_answers(
     progress: bool = True,
 ) -> list[list[str]]:
     """The model's answers to the first ``turns[i]`` questions of each item; later questions see the
-    earlier answers. ``model`` is an :class:`~omnivox.agent.model.OmnivoxModel`."""
+    earlier answers. ``model`` is an :class:`~omnivox.agent.assistant.Assistant` (or anything with its
+    ``encode_clip`` and ``generate``, e.g. an :class:`~omnivox.agent.model.OmnivoxModel` alone)."""
     from tqdm.auto import tqdm
 
     from omnivox.agent.audio import load_audio
@@ -225,7 +226,7 @@ def generate_answers(
     bar = tqdm(total=sum(turns), desc="eval", unit="answer", disable=not progress)
     for start in range(0, len(items), batch_size):
         batch = list(range(start, min(start + batch_size, len(items))))
-        tokens = {i: model.encode_clip(load_audio(items[i].audio).samples) for i in batch}  # [N_i, H] each
+        clips = {i: model.encode_clip(load_audio(items[i].audio).samples) for i in batch}
         for k in range(max(turns[i] for i in batch)):
             active = [i for i in batch if turns[i] > k]
             conversations = []
@@ -234,9 +235,9 @@ def generate_answers(
                 for j in range(k):
                     messages += [Message("assistant", answers[i][j]), Message("user", items[i].turns[j + 1].instruction)]
                 conversations.append(messages)
-            out = model.generate(conversations, [[tokens[i]] for i in active], settings)
-            for i, text in zip(active, out, strict=True):
-                answers[i].append(text)
+            out = model.generate(conversations, [[clips[i]] for i in active], settings)
+            for i, answer in zip(active, out, strict=True):
+                answers[i].append(answer.text)
             bar.update(len(active))
     bar.close()
     return answers
@@ -380,11 +381,10 @@ def run_selection(
     seed: int = 0,
     progress: bool = True,
 ) -> EvalResults:
-    """Generate, score and aggregate; unless ``settings`` says otherwise, the model's own decoding
-    (joint CTC transcripts included) made greedy, with 64 new tokens, as ``omnivox eval`` does."""
-    from omnivox.agent.model import GenerationSettings
-
-    settings = settings or GenerationSettings.for_model(model.config, max_new_tokens=64, num_beams=1, do_sample=False)
+    """Generate, score and aggregate with ``model`` (an :class:`~omnivox.agent.assistant.Assistant`);
+    unless ``settings`` says otherwise, the model's own decoding (joint CTC transcripts included)
+    made greedy, with 64 new tokens, as ``omnivox eval`` does."""
+    settings = settings or model.settings(max_new_tokens=64, num_beams=1, do_sample=False)
     labels = validate(selection)
     torch.manual_seed(seed)
     answers = generate_answers(model, selection.items, selection.turns, settings, batch_size, progress)
@@ -392,7 +392,7 @@ def run_selection(
     per_group, overall = aggregate(records)
     conf = confusion(records)
     used = asdict(settings)
-    transcriber = model.config.transcriber if model.transcriber is not None and settings.use_transcriber else None
+    transcriber = model.model.config.transcriber if model.transcriber is not None and settings.use_transcriber else None
     used["transcriber"] = None if transcriber is None else asdict(transcriber)
     return EvalResults(
         suite=selection.suite,

@@ -2,6 +2,7 @@
 
 - Whisper: an openai-whisper ``.pt`` (``{"dims", "model_state_dict"}``), 30 s windows.
 - BEATs: an official-format ``{"cfg", "model"}`` checkpoint.
+- SALMONN: an official-format ``{"model", "optimizer", "config", ...}`` checkpoint.
 - LLM: an HF LLaMA folder with a BPE tokenizer trained here.
 - omnivox: a model folder made of those parts.
 """
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from omnivox.adapters.qformer import QFormerConfig
 
 CORPUS = """
 The quick brown fox jumps over the lazy dog. A man is speaking while music plays.
@@ -104,6 +109,82 @@ def make_beats(path: Path, dim: int = 16, seed: int = 0) -> Path:
     return path
 
 
+def make_salmonn_checkpoint(
+    path: str | Path, *, whisper_dim: int, beats_dim: int, hidden: int, heads: int, layers: int = 2,
+    llm_hidden: int, llm_layers: int, lora_r: int = 8, seed: int = 0, extras: bool = True,
+    intermediate_size: int | None = None, queries_per_window: int = 1, llm_heads: int = 4,
+) -> QFormerConfig:
+    """Write a random checkpoint with exactly the official keys and file structure.
+
+    The file is what SALMONN's ``Runner.save_checkpoint`` writes: ``{"model": trained params + all
+    buffers, "optimizer": AdamW state, "config": run config dict, "scaler": None, "epoch": 0}``.
+    With ``extras`` the model state also carries the tolerated buffers: BERT ``position_ids``
+    ``[1, 512]``, rotary ``inv_freq`` per LLM layer, and ``beats.*`` shared-bias aliases; without
+    it, ``"model"`` holds only the adapter and LoRA tensors.
+
+    Args:
+        path: where to write the ``.pth``.
+        whisper_dim / beats_dim: encoder widths (1280 / 768 for the real one).
+        hidden / heads / layers: Q-Former geometry; ``intermediate_size`` defaults to ``4 * hidden``.
+        llm_hidden / llm_layers / llm_heads: LLM geometry (LoRA shapes, inv_freq length).
+        lora_r: LoRA rank. LoRA B is random (not zero), so loaded LoRA changes the LLM's output.
+        seed: all tensors come from ``torch.Generator().manual_seed(seed)``.
+
+    Returns:
+        The ``QFormerConfig`` the adapter tensors follow.
+    """
+    import json
+
+    from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
+    from omnivox.convert.salmonn import QFORMER_PREFIX, export_salmonn_state
+
+    gen = torch.Generator().manual_seed(seed)
+    config = QFormerConfig(encoder_dims=(whisper_dim, beats_dim), hidden_size=hidden, num_layers=layers,
+                           num_heads=heads, intermediate_size=intermediate_size or 4 * hidden,
+                           queries_per_window=queries_per_window, llm_hidden_size=llm_hidden)
+    adapter = AudioAdapter(config)
+    norm_weights = {f"{n}.weight" for n, m in adapter.named_modules() if isinstance(m, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            p.copy_((1.0 if name in norm_weights else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
+    lora = {}
+    for n in range(llm_layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{n}.self_attn.{proj}"
+            lora[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(lora_r, llm_hidden, generator=gen)
+            lora[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(llm_hidden, lora_r, generator=gen)
+    model = export_salmonn_state(adapter, lora)
+    trained = list(model)  # the optimizer saw these, in this order
+    if extras:
+        model[f"{QFORMER_PREFIX}embeddings.position_ids"] = torch.arange(512).expand(1, -1).clone()
+        head_dim = llm_hidden // llm_heads
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+        for n in range(llm_layers):
+            model[f"llama_model.base_model.model.model.layers.{n}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
+        for n in range(1, 3):  # real BEATs: layers 1..11, [320 buckets, 12 heads]
+            model[f"beats.encoder.layers.{n}.self_attn.relative_attention_bias.weight"] = torch.randn(
+                320, 12, generator=gen)
+
+    params = [torch.nn.Parameter(model[k].clone()) for k in trained]
+    optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.05)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    optimizer.step()
+    run_config = {
+        "model": {"llama_path": "vicuna", "whisper_path": "whisper", "beats_path": "beats",
+                  "num_speech_query_token": queries_per_window, "second_per_window": 0.333333,
+                  "second_stride": 0.333333, "lora": True, "lora_rank": lora_r, "lora_alpha": 32,
+                  "lora_dropout": 0.1, "prompt_template": "USER: {}\nASSISTANT:", "end_sym": "</s>"},
+        "run": {"seed": 42, "output_dir": "out"},
+    }
+    ckpt = {"model": model, "optimizer": optimizer.state_dict(), "config": json.loads(json.dumps(run_config)),
+            "scaler": None, "epoch": 0}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return config
+
+
 def make_model_folder(
     root: Path,
     *,
@@ -117,7 +198,8 @@ def make_model_folder(
     """A complete tiny omnivox model folder (random weights) in ``root/model``; parts in ``root/parts``."""
     from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
     from omnivox.agent.config import AudioSettings, EncoderRef, LoraSettings, OmnivoxConfig
-    from omnivox.agent.model import OmnivoxModel, attach_lora, load_llm
+    from omnivox.agent.loading import attach_lora, load_llm
+    from omnivox.agent.model import OmnivoxModel
     from omnivox.encoders.beats import BeatsEncoder
     from omnivox.encoders.whisper import WhisperEncoder
 

@@ -17,15 +17,15 @@ from torch import nn
 
 from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
 from omnivox.agent.config import AudioSettings, EncoderRef, LoraSettings, OmnivoxConfig
-from omnivox.agent.model import (
+from omnivox.agent.loading import (
     ENCODER_LOADERS,
-    OmnivoxModel,
     attach_lora,
     load_adapter_state,
     load_llm,
     load_tokenizer,
     resolve_ref,
 )
+from omnivox.agent.model import OmnivoxModel
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput
 from omnivox.errors import CheckpointError
 from omnivox.training.config import ConfigError, TrainConfig

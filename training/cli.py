@@ -3,6 +3,7 @@
 Also runnable directly, which is how ``torchrun`` starts it::
 
     python -m omnivox.training train recipes/nano_stage1.toml [--no-resume] [--set optim.lr=5e-4 ...]
+    python -m omnivox.training train recipes/nano_beats.toml   # stage sound_encoder: the BEATs-nano encoder
     torchrun --nproc_per_node=2 -m omnivox.training train recipes/nano_stage1.toml
     python -m omnivox.training cache-features recipes/nano_stage1.toml
 """
@@ -42,16 +43,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run ``omnivox train``; 0 when the run reached max_steps (or stopped at stop_at_step), 130 when interrupted."""
+    """Run ``omnivox train``; 0 when the run reached max_steps (or stopped at stop_at_step), 130 when interrupted.
+
+    Prints what a finished run made: the model folder, or for stage ``sound_encoder`` the BEATs checkpoint.
+    """
     from omnivox.training.config import load_train_config
-    from omnivox.training.trainer import train
 
     config = load_train_config(Path(args.config), args.overrides)
-    result = train(config, resume=args.resume, progress=args.progress)
+    if config.stage == "sound_encoder":
+        from omnivox.training.sound_encoder import train as train_sound_encoder
+
+        result = train_sound_encoder(config, resume=args.resume, progress=args.progress)
+        made = result.checkpoint
+    else:
+        from omnivox.training.trainer import train
+
+        result = train(config, resume=args.resume, progress=args.progress)
+        made = result.model_dir
     if result.interrupted:
         return 130
-    if result.model_dir is not None:
-        print(result.model_dir)
+    if made is not None:
+        print(made)
     return 0
 
 
@@ -69,12 +81,14 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cache(args: argparse.Namespace) -> int:
     """Run ``omnivox cache-features``: encode every clip of the recipe's dataset once (resumable)."""
     from omnivox.training.build import build_model, feature_geometry, resolve_device
-    from omnivox.training.config import load_train_config
+    from omnivox.training.config import ConfigError, load_train_config
     from omnivox.training.data import load_split
     from omnivox.training.features import FeatureCache
     from omnivox.training.trainer import _barrier, init_distributed
 
     config = load_train_config(Path(args.config), args.overrides)
+    if config.stage == "sound_encoder":
+        raise ConfigError(f"{args.config}: stage 'sound_encoder' reads its audio directly; it has no feature cache")
     if config.threads:
         import torch
 

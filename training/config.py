@@ -16,6 +16,11 @@ relative to the working directory. Model references may also be written as
   path or a ``package:`` reference), converted once to an openai-whisper ``.pt`` kept in
   ``$OMNIVOX_CACHE/whisper`` (default ``~/.cache/omnivox/whisper``).
 
+Stage ``sound_encoder`` (``recipes/nano_beats.toml``) trains the small BEATs sound encoder
+from scratch (``training/sound_encoder.py``): it has no ``[model]`` section; its architecture and
+loss settings are the ``[sound_encoder]`` section, the rest (``[data]``, ``[optim]``, ``out_dir``,
+``seed``, ...) means what it means for the other stages.
+
 See ``recipes/README.md`` for the full schema.
 """
 
@@ -33,7 +38,7 @@ from typing import Any, Literal
 from omnivox.agent.config import EncoderRef
 from omnivox.errors import CheckpointError, UserInputError
 
-Stage = Literal["ctc", "align", "instruct"]
+Stage = Literal["ctc", "align", "instruct", "sound_encoder"]
 DType = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 QuantizationName = Literal["none", "8bit", "4bit"]
@@ -41,6 +46,9 @@ QuantizationName = Literal["none", "8bit", "4bit"]
 
 class ConfigError(UserInputError):
     """A training recipe is invalid; the message names the key."""
+
+
+SOUND_ENCODER_HAS_NO_MODEL = "stage 'sound_encoder' has no [model] section (its architecture is [sound_encoder.beats])"
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,54 @@ class OptimSection:
 
 
 @dataclass(frozen=True)
+class SoundEncoderSection:
+    """Stage ``sound_encoder``: the BEATs-architecture encoder trained from scratch, and its losses.
+
+    Attributes:
+        beats: ``BeatsConfig`` fields over the nano architecture
+            (``omnivox.training.sound_encoder.NANO_BEATS``); ``finetuned_model`` and
+            ``predictor_class`` come from the training labels.
+        max_seconds: random crop length of training clips (longer clips are cropped).
+        eval_max_seconds: validation clips are cut to their first ``eval_max_seconds``.
+        min_overlap_seconds: an event counts as present in a crop when it overlaps it this long.
+        frame_loss_weight: weight of the frame-level activity loss (0 disables it).
+        include_background: count the background texture (``metadata.background``) as present.
+        spec_augment: mask random fbank time spans and mel bands during training.
+        time_masks, time_mask_frames: number of time masks and their max width in fbank frames.
+        freq_masks, freq_mask_bins: number of mel masks and their max width in mel bins.
+    """
+
+    beats: dict[str, Any] = field(default_factory=dict)
+    max_seconds: float = 4.0
+    eval_max_seconds: float = 10.0
+    min_overlap_seconds: float = 0.05
+    frame_loss_weight: float = 1.0
+    include_background: bool = True
+    spec_augment: bool = True
+    time_masks: int = 2
+    time_mask_frames: int = 30
+    freq_masks: int = 2
+    freq_mask_bins: int = 16
+
+    def __post_init__(self) -> None:
+        from omnivox.training.sound_encoder import MIN_CROP_SECONDS, beats_config
+
+        for name in ("max_seconds", "eval_max_seconds"):
+            if getattr(self, name) < MIN_CROP_SECONDS:
+                raise ConfigError(
+                    f"sound_encoder.{name} must be >= {MIN_CROP_SECONDS} s (one patch row), got {getattr(self, name)}"
+                )
+        counts = ("time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins")
+        for name in ("min_overlap_seconds", "frame_loss_weight", *counts):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"sound_encoder.{name} must be >= 0, got {getattr(self, name)}")
+        derived = sorted(set(self.beats) & {"finetuned_model", "predictor_class"})
+        if derived:
+            raise ConfigError(f"sound_encoder.beats.{derived[0]} is set from the training labels; leave it out")
+        beats_config(self.beats)  # raises ConfigError naming sound_encoder.beats.<field>
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
@@ -214,8 +270,12 @@ class TrainConfig:
         stage: "ctc" trains the adapter only, with CTC against the LLM's embedding table on
             the items that have a transcript (the LLM is never run; see ``training/ctc.py``);
             "align" trains the adapter only (LLM frozen, no LoRA, first turn only);
-            "instruct" trains adapter + LoRA, multi-turn included.
-        ctc_weight: weight of an auxiliary CTC loss (as stage "ctc") added to the language-model
+            "instruct" trains adapter + LoRA, multi-turn included;
+            "sound_encoder" trains the small BEATs sound encoder from scratch on CPU
+            (``training/sound_encoder.py``; no ``model``, settings in ``sound_encoder``).
+        model: the LLM model (every stage but "sound_encoder").
+        sound_encoder: stage "sound_encoder" only (defaults when the recipe leaves it out).
+        ctc_loss_weight: weight of an auxiliary CTC loss (as stage "ctc") added to the language-model
             loss of "align" / "instruct" (0: none). Each loss is a mean over its own target tokens.
         ctc_negatives: random vocabulary ids scored by the CTC softmax besides the batch's targets.
         out_dir: checkpoints, metrics, plots and the final ``model/`` folder.
@@ -233,10 +293,11 @@ class TrainConfig:
         vars: values for ``${name}`` in strings.
     """
 
-    model: ModelSection
     data: DataSection
+    model: ModelSection | None = None
+    sound_encoder: SoundEncoderSection | None = None
     stage: Stage = "align"
-    ctc_weight: float = 0.0
+    ctc_loss_weight: float = 0.0
     ctc_negatives: int = 8192
     optim: OptimSection = field(default_factory=OptimSection)
     out_dir: str = "runs/omnivox"
@@ -254,6 +315,12 @@ class TrainConfig:
     vars: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.stage == "sound_encoder":
+            self._check_sound_encoder()
+        elif self.model is None:
+            raise ConfigError("the [model] section is missing")
+        elif self.sound_encoder is not None:
+            raise ConfigError(f"[sound_encoder] is read only by stage 'sound_encoder', not by stage {self.stage!r}; remove it")
         for name in ("eval_every", "save_every", "stop_at_step", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -269,10 +336,33 @@ class TrainConfig:
             raise ConfigError(f"quantization {self.quantization!r} is set up for GPUs here; use none on CPU")
         if self.stage in ("ctc", "align") and self.model.lora and not self.model.init_from:
             raise ConfigError(f"model.lora is set but stage {self.stage!r} trains no LoRA; remove it or use stage 'instruct'")
-        if self.ctc_weight < 0:
-            raise ConfigError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.ctc_loss_weight < 0:
+            raise ConfigError(f"ctc_loss_weight must be >= 0, got {self.ctc_loss_weight}")
         if self.ctc_negatives < 0:
             raise ConfigError(f"ctc_negatives must be >= 0, got {self.ctc_negatives}")
+
+    def _check_sound_encoder(self) -> None:
+        """Stage ``sound_encoder``: no LLM model, and only the options its CPU loop implements."""
+        if self.model is not None:
+            raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL)
+        if self.sound_encoder is None:
+            object.__setattr__(self, "sound_encoder", SoundEncoderSection())
+        # key: (value, what this stage needs, how to say it)
+        needs = {
+            "device": (self.device, ("auto", "cpu"), "'cpu' (or 'auto')"),
+            "dtype": (self.dtype, ("fp32",), "'fp32'"),
+            "quantization": (self.quantization, ("none",), "'none'"),
+            "activation_checkpointing": (self.activation_checkpointing, (False,), "false"),
+            "ctc_loss_weight": (self.ctc_loss_weight, (0.0,), "0"),
+            "optim.grad_accum": (self.optim.grad_accum, (1,), "1"),
+            "optim.scheduler": (self.optim.scheduler, ("cosine",), "'cosine'"),
+            "data.tasks": (self.data.tasks, ((),), "it left out (every clip trains)"),
+            "data.multi_turn": (self.data.multi_turn, (None,), "it left out"),
+        }
+        for key, (value, allowed, say) in needs.items():
+            if value not in allowed:
+                shown = list(value) if isinstance(value, tuple) else value
+                raise ConfigError(f"{key}: stage 'sound_encoder' (CPU, fp32) needs {say}, got {shown!r}")
 
     @property
     def multi_turn(self) -> bool:
@@ -329,9 +419,10 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     if not isinstance(variables, dict):
         raise ConfigError("vars must be a table")
     data = _substitute(data, {k: str(v) for k, v in variables.items()}, "")
-    for required in ("model", "data"):
-        if required not in data:
-            raise ConfigError(f"the [{required}] section is missing")
+    if data.get("stage") == "sound_encoder" and "model" in data:  # before [model] is validated as an LLM model
+        raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL)
+    if "data" not in data:
+        raise ConfigError("the [data] section is missing")
     return _build(TrainConfig, data, "")
 
 
@@ -351,6 +442,10 @@ def _substitute(value: Any, variables: dict[str, str], where: str) -> Any:
     return value
 
 
+# recipe keys that were renamed: the old name gets a hint to the new one
+_RENAMED = {"ctc_weight": "ctc_loss_weight"}
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     """Instantiate dataclass ``cls`` from ``data``, checking keys and types; errors name the key."""
     where = prefix.rstrip(".") or "the recipe"
@@ -360,7 +455,9 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; known keys here: {sorted(known)}")
+        renamed = _RENAMED.get(unknown[0])
+        hint = f" ({unknown[0]} was renamed {renamed})" if renamed in known else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}{hint}; known keys here: {sorted(known)}")
     kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)

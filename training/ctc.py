@@ -1,7 +1,7 @@
 """CTC over the LLM's own vocabulary on the audio tokens: a fast alignment objective.
 
 The LLM reads audio tokens as input embeddings. Stage ``ctc`` (and the optional auxiliary
-``ctc_weight`` of the other stages) scores every audio token against the LLM's input
+``ctc_loss_weight`` of the other stages) scores every audio token against the LLM's input
 embedding table, ``logits = exp(log_scale) * token @ [E; blank]^T``, and trains the adapter
 with CTC on the tokens of the clip's transcript. Audio tokens of speech are pulled towards
 the embeddings of the words said, so that the frozen LLM meets something close to text; the

@@ -17,28 +17,29 @@ the same loader serves real BEATs checkpoints.
 
 Data: a datagen folder; each split is ``<split>.jsonl`` when it exists, else the ``items/*.json``
 of that split whose audio file exists (the generator writes manifests last). Batches are a
-function of ``(seed, step)`` only, so a resumed run sees exactly the data an uninterrupted one
-would.
+function of ``(seed, step)`` only (fresh numpy generators per step, no global numpy state), so
+a resumed run sees exactly the data an uninterrupted one would.
 
-Entry point::
+Configured by a recipe of stage ``sound_encoder`` (:class:`~omnivox.training.config.TrainConfig`
+with its :class:`~omnivox.training.config.SoundEncoderSection`) and run like every recipe::
 
-    python -m omnivox.training.sound_encoder --config recipes/nano_beats.toml \
-        --data /work/data/synth-v1 --out runs/beats_nano --steps 600 --seed 0
+    omnivox train recipes/nano_beats.toml --set vars.dataset=/work/data/synth-v1
+
+Outputs in ``out_dir``: ``last.pt`` (resumable state, tensors and plain values only, read back
+with ``torch.load(..., weights_only=True)``), ``history.jsonl``, ``loss.png`` and, when the run
+reaches ``optim.max_steps``, ``beats_nano.pt`` and ``metrics.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 import time
-import tomllib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.encoders.base import SAMPLE_RATE
+from omnivox.encoders.base import SAMPLE_RATE, torch_load_checkpoint
 from omnivox.encoders.beats import (
     FRAME_LENGTH_MS,
     FRAME_SHIFT_MS,
@@ -57,86 +58,22 @@ from omnivox.encoders.beats import (
     build_beats,
     save_checkpoint,
 )
+from omnivox.errors import AudioInputError, CheckpointError, UserInputError
+from omnivox.training.config import ConfigError, SoundEncoderSection, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 WINDOW = int(SAMPLE_RATE * FRAME_LENGTH_MS / 1000)  # 400 samples per fbank frame
 HOP = int(SAMPLE_RATE * FRAME_SHIFT_MS / 1000)  # 160 samples between fbank frames
+MIN_CROP_SECONDS = (WINDOW + 15 * HOP) / SAMPLE_RATE  # one patch row of 16 fbank frames
 SPLITS = ("train", "validation", "test")
 STATE_FILE = "last.pt"
 FINAL_FILE = "beats_nano.pt"
 
 
 # --------------------------------------------------------------------------------------------
-# Config
+# Architecture
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training settings (the ``[train]`` table of a recipe; the ``[model]`` table is a BeatsConfig).
-
-    Attributes:
-        steps: optimiser steps in all.
-        seed: seeds the initial weights, the data order, the crops, dropout and SpecAugment.
-        batch_size: clips per step.
-        lr: peak learning rate of AdamW.
-        weight_decay: AdamW weight decay (not on biases and norms).
-        warmup_steps: linear warmup, then cosine decay to ``lr * min_lr_ratio``.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        grad_clip: max gradient norm (0 disables clipping).
-        max_seconds: random crop length of training clips (longer clips are cropped).
-        eval_max_seconds: validation clips are cut to their first ``eval_max_seconds``.
-        min_overlap_seconds: an event counts as present in a crop when it overlaps it this long.
-        frame_loss_weight: weight of the frame-level activity loss (0 disables it).
-        include_background: count the background texture (``metadata.background``) as present.
-        spec_augment: mask random fbank time spans and mel bands during training.
-        time_masks, time_mask_frames: number of time masks and their max width in fbank frames.
-        freq_masks, freq_mask_bins: number of mel masks and their max width in mel bins.
-        save_every: write the resumable state every this many steps.
-        eval_every: validate every this many steps (and at the end); 0 = only at the end.
-        max_eval_items: validate on at most this many clips (0 = all).
-        threads: torch CPU threads.
-    """
-
-    steps: int = 600
-    seed: int = 0
-    batch_size: int = 12
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
-    max_seconds: float = 4.0
-    eval_max_seconds: float = 10.0
-    min_overlap_seconds: float = 0.05
-    frame_loss_weight: float = 1.0
-    include_background: bool = True
-    spec_augment: bool = True
-    time_masks: int = 2
-    time_mask_frames: int = 30
-    freq_masks: int = 2
-    freq_mask_bins: int = 16
-    save_every: int = 50
-    eval_every: int = 200
-    max_eval_items: int = 0
-    threads: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "max_eval_items", "time_masks", "freq_masks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        min_seconds = (WINDOW + 15 * HOP) / SAMPLE_RATE
-        for name in ("max_seconds", "eval_max_seconds"):
-            if getattr(self, name) < min_seconds:
-                raise ValueError(f"TrainConfig.{name} must be >= {min_seconds} s (one patch), got {getattr(self, name)}")
-        if self.lr <= 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig: need lr > 0 and 0 <= min_lr_ratio <= 1, got {self.lr}, {self.min_lr_ratio}")
-        if self.frame_loss_weight < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("TrainConfig: frame_loss_weight, grad_clip and weight_decay must be >= 0")
-
-
 # Architecture of the nano encoder (see assets/nano/BEATS.md for the measurements behind it).
 NANO_BEATS = BeatsConfig(
     embed_dim=128,
@@ -149,18 +86,20 @@ NANO_BEATS = BeatsConfig(
 )
 
 
-def load_recipe(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a recipe TOML: returns (``[train]`` table, ``[model]`` table), both possibly empty."""
-    with open(path, "rb") as f:
-        recipe = tomllib.load(f)
-    unknown = sorted(set(recipe) - {"train", "model", "data", "out"})
+def beats_config(overrides: dict[str, Any]) -> BeatsConfig:
+    """The architecture of a recipe: ``NANO_BEATS`` with the ``[sound_encoder.beats]`` fields set.
+
+    Raises:
+        ConfigError: an unknown field, or a value ``BeatsConfig`` rejects (the message names it).
+    """
+    known = {f.name for f in dataclasses.fields(BeatsConfig) if f.init}
+    unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown} (expected [train], [model], data, out)")
-    train, model = dict(recipe.get("train", {})), dict(recipe.get("model", {}))
-    for key in ("data", "out"):
-        if key in recipe:
-            train[key] = recipe[key]
-    return train, model
+        raise ConfigError(f"unknown key sound_encoder.beats.{unknown[0]}; known keys here: {sorted(known)}")
+    try:
+        return BeatsConfig(**{**NANO_BEATS.to_dict(), **overrides})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sound_encoder.beats: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,14 +143,20 @@ def load_split(data_dir: str | Path, split: str, include_background: bool = True
     """Clips of one split: from ``<split>.jsonl``, else from finished ``items/*.json`` of that split.
 
     Raises:
-        FileNotFoundError: the folder has neither a manifest nor items of ``split``.
+        UserInputError: the folder has neither a manifest nor items of ``split``, or a line is not JSON.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     root = Path(data_dir)
     manifest = root / f"{split}.jsonl"
     if manifest.is_file():
-        items = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = []
+        for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserInputError(f"{manifest}:{number}: not valid JSON ({err})") from None
         source = str(manifest)
     else:
         items = []
@@ -224,8 +169,11 @@ def load_split(data_dir: str | Path, split: str, include_background: bool = True
                 items.append(item)
         source = f"{root / 'items'} (no {manifest.name} yet)"
     if not items:
-        raise FileNotFoundError(f"no {split} items in {root}: neither {manifest.name} nor items/*.json of that split")
-    clips = [clip_from_item(item, root, include_background) for item in items]
+        raise UserInputError(f"data.dir {root}: no {split} items (neither {manifest.name} nor items/*.json of that split)")
+    try:
+        clips = [clip_from_item(item, root, include_background) for item in items]
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(f"{source}: an item lacks or mistypes a field ({type(err).__name__}: {err})") from None
     logger.info("%s: %d clips, %.2f h from %s", split, len(clips), sum(c.duration for c in clips) / 3600, source)
     return clips
 
@@ -236,10 +184,17 @@ def label_vocabulary(clips: Sequence[Clip]) -> list[str]:
 
 
 def read_audio(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Samples ``[start, stop)`` of a 16 kHz file as float32 mono ``[S]``."""
-    audio, rate = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
+    """Samples ``[start, stop)`` of a 16 kHz file as float32 mono ``[S]``.
+
+    Raises:
+        AudioInputError: the file is missing or unreadable, or not at 16 kHz.
+    """
+    try:
+        audio, rate = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=True)
+    except (sf.SoundFileError, OSError) as err:
+        raise AudioInputError(f"{path}: cannot read audio ({err})") from None
     if rate != SAMPLE_RATE:
-        raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
+        raise AudioInputError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE}")
     return audio.mean(axis=1)
 
 
@@ -305,7 +260,7 @@ def make_batch(
         end = start + wave.size / SAMPLE_RATE
         for event in clip.events:
             if event.label not in index:
-                raise ValueError(f"clip {clip.id}: label {event.label!r} is not in the label set {list(labels)}")
+                raise UserInputError(f"clip {clip.id}: label {event.label!r} is not in the label set {list(labels)}")
             on, off = event.onset - start, event.offset - start  # crop time
             overlap = min(end, event.offset) - max(start, event.onset)
             if overlap >= min(min_overlap_seconds, 0.5 * (event.offset - event.onset)) and overlap > 0:
@@ -317,20 +272,20 @@ def make_batch(
 
 
 def batch_plan(
-    num_clips: int, clips: Sequence[Clip], step: int, cfg: TrainConfig
+    clips: Sequence[Clip], step: int, batch_size: int, seed: int, max_seconds: float
 ) -> tuple[list[int], list[float]]:
     """Clip indices and crop starts of training step ``step``: a function of (seed, step) only.
 
     Epochs are seeded permutations of the training set, walked ``batch_size`` clips at a time.
     """
-    first = step * cfg.batch_size
+    first = step * batch_size
     indices = []
-    for k in range(first, first + cfg.batch_size):
-        epoch, position = divmod(k, num_clips)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(num_clips)
+    for k in range(first, first + batch_size):
+        epoch, position = divmod(k, len(clips))
+        order = np.random.default_rng([seed, epoch]).permutation(len(clips))
         indices.append(int(order[position]))
-    rng = np.random.default_rng([cfg.seed, 1_000_003, step])
-    starts = [float(rng.uniform(0.0, max(0.0, clips[i].duration - cfg.max_seconds))) for i in indices]
+    rng = np.random.default_rng([seed, 1_000_003, step])
+    starts = [float(rng.uniform(0.0, max(0.0, clips[i].duration - max_seconds))) for i in indices]
     return indices, starts
 
 
@@ -379,8 +334,8 @@ class SpecAugment:
     """Forward pre-hook on ``patch_embedding``: zero random time spans and mel bands of the
     normalised fbank [B, 1, F, 128] (0 is close to the fbank mean after BEATs' normalisation)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, section: SoundEncoderSection) -> None:
+        self.section = section
 
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         if not module.training:
@@ -388,38 +343,40 @@ class SpecAugment:
         fbank = inputs[0].clone()  # [B, 1, F, M]
         b, _, frames, bins = fbank.shape
         for i in range(b):
-            for _ in range(self.cfg.time_masks):
-                width = int(torch.randint(0, self.cfg.time_mask_frames + 1, ()))
+            for _ in range(self.section.time_masks):
+                width = int(torch.randint(0, self.section.time_mask_frames + 1, ()))
                 t0 = int(torch.randint(0, max(1, frames - width), ()))
                 fbank[i, :, t0 : t0 + width, :] = 0.0
-            for _ in range(self.cfg.freq_masks):
-                width = int(torch.randint(0, self.cfg.freq_mask_bins + 1, ()))
+            for _ in range(self.section.freq_masks):
+                width = int(torch.randint(0, self.section.freq_mask_bins + 1, ()))
                 f0 = int(torch.randint(0, max(1, bins - width), ()))
                 fbank[i, :, :, f0 : f0 + width] = 0.0
         return (fbank, *inputs[1:])
 
 
-def lr_lambda(cfg: TrainConfig) -> Any:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps`` (``optim.scheduler = "cosine"``)."""
 
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
 
 
-def make_optimizer(modules: Sequence[nn.Module], cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not biases, norms, gains, or bias tables)."""
+def make_optimizer(
+    modules: Sequence[nn.Module], lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
+    """AdamW (eps 1e-6) with weight decay on matrices only (not biases, norms, gains, or bias tables)."""
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
             if param.requires_grad:
                 (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,9 +395,16 @@ def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: BEATs, frame_head: FrameHead | None, clips: Sequence[Clip], labels: Sequence[str], cfg: TrainConfig
+    model: BEATs,
+    frame_head: FrameHead | None,
+    clips: Sequence[Clip],
+    labels: Sequence[str],
+    section: SoundEncoderSection,
+    batch_size: int,
+    max_items: int = 0,
 ) -> dict[str, Any]:
-    """Validation metrics on the first ``eval_max_seconds`` of each clip (model left in eval mode).
+    """Validation metrics on the first ``section.eval_max_seconds`` of each of the first
+    ``max_items`` clips (0: all), ``batch_size`` at a time (model left in eval mode).
 
     Returns:
         ``mAP`` (clip level, classes with positives), ``accuracy`` (mean per-class accuracy at
@@ -450,13 +414,13 @@ def evaluate(
     model.eval()
     if frame_head is not None:
         frame_head.eval()
-    chosen = list(clips[: cfg.max_eval_items] if cfg.max_eval_items else clips)
+    chosen = list(clips[:max_items] if max_items else clips)
     chosen.sort(key=lambda c: c.duration)  # similar lengths together: less padding
     patch = model.cfg.input_patch_size
     probs, targets, frame_probs, frame_targets, losses = [], [], [], [], []
-    for i in range(0, len(chosen), cfg.batch_size):
-        group = chosen[i : i + cfg.batch_size]
-        batch = make_batch(group, [0.0] * len(group), cfg.eval_max_seconds, labels, patch, cfg.min_overlap_seconds)
+    for i in range(0, len(chosen), batch_size):
+        group = chosen[i : i + batch_size]
+        batch = make_batch(group, [0.0] * len(group), section.eval_max_seconds, labels, patch, section.min_overlap_seconds)
         features, token_mask = model.extract_features(batch.waveforms, batch.padding_mask)
         logits = clip_logits(model, features, token_mask)
         losses.append(F.binary_cross_entropy_with_logits(logits, batch.clip_targets, reduction="sum").item())
@@ -494,11 +458,31 @@ def evaluate(
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+# The resumable state: tensors, state dicts and plain Python values only, so that it loads with
+# ``torch.load(..., weights_only=True)``. The data order needs no state (see ``batch_plan``).
+STATE_KEYS = (
+    "step", "wall_seconds", "labels", "model_cfg", "model", "frame_head", "optimizer", "scheduler", "torch_rng", "history",
+)  # fmt: skip
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (a crash mid-write leaves the previous state intact)."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a resumable state written by :func:`train` (``weights_only=True``: no code runs from the file).
+
+    Raises:
+        CheckpointError: unreadable, or not a sound-encoder state (the missing keys are named).
+    """
+    state = torch_load_checkpoint(path, "sound-encoder training state")
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a sound-encoder training state (missing {missing})")
+    return state
 
 
 def plot_losses(history: Sequence[dict[str, Any]], path: Path) -> None:
@@ -530,44 +514,76 @@ def plot_losses(history: Sequence[dict[str, Any]], path: Path) -> None:
     ax[0].legend()
     ax[1].set_xlabel("step")
     ax[1].set_ylim(0, 1)
-    ax[1].legend()
+    if val:
+        ax[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def train(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    cfg: TrainConfig,
-    model_cfg: BeatsConfig = NANO_BEATS,
-    resume: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train a BEATs sound encoder; write ``last.pt`` (resumable), ``beats_nano.pt``, metrics and plots.
+@dataclass(frozen=True)
+class SoundEncoderResult:
+    """How a run ended (as ``omnivox.training.trainer.TrainResult``).
+
+    Attributes:
+        step: optimizer steps done.
+        checkpoint: ``out_dir/beats_nano.pt`` when the run reached ``optim.max_steps``, else None.
+        finished: the run reached ``optim.max_steps``.
+        interrupted: stopped by Ctrl-C (the state at the last finished step is saved).
+        metrics: the final validation metrics (with ``step``, ``wall_seconds``, ``params``,
+            ``labels``) when finished, else empty.
+    """
+
+    step: int
+    checkpoint: Path | None
+    finished: bool
+    interrupted: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> SoundEncoderResult:
+    """Train a BEATs sound encoder as ``config`` (stage ``sound_encoder``) says.
+
+    Writes ``out_dir/last.pt`` every ``save_every`` steps and where the run stops
+    (``optim.max_steps``, ``stop_at_step``, ``time_limit_minutes``, Ctrl-C); at ``optim.max_steps``
+    also ``beats_nano.pt`` (official format) and ``metrics.json``.
 
     Args:
-        data_dir: datagen folder (train split for training, validation split for validation).
-        out_dir: run folder.
-        cfg: training settings.
-        model_cfg: architecture; ``finetuned_model`` and ``predictor_class`` are set from the labels.
+        config: a recipe of stage ``sound_encoder`` (train split to train on, validation split to
+            validate on, ``data.eval_items`` of them, 0: all).
         resume: continue from ``out_dir/last.pt`` when it exists.
         progress: show a tqdm bar.
 
-    Returns:
-        The final validation metrics (with ``step``, ``wall_seconds``, ``params``).
+    Raises:
+        ConfigError: ``config`` is not of stage ``sound_encoder``.
+        UserInputError: the dataset is missing or malformed (``AudioInputError`` for audio files).
+        CheckpointError: ``last.pt`` is unreadable or does not fit the data.
     """
     from tqdm import tqdm
 
-    torch.set_num_threads(cfg.threads)
-    out = Path(out_dir)
+    section, optim = config.sound_encoder, config.optim
+    if config.stage != "sound_encoder" or section is None:
+        raise ConfigError(f"stage must be 'sound_encoder' to train a sound encoder, got {config.stage!r}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_clips = load_split(data_dir, "train", cfg.include_background)
-    val_clips = load_split(data_dir, "validation", cfg.include_background)
+    train_clips = load_split(config.data.dir, "train", section.include_background)
+    if config.data.max_items:
+        train_clips = train_clips[: config.data.max_items]
+    val_clips = load_split(config.data.dir, "validation", section.include_background)
     state_path = out / STATE_FILE
-    state = torch.load(state_path, map_location="cpu", weights_only=False) if resume and state_path.is_file() else None
+    state = load_state(state_path) if resume and state_path.is_file() else None
+    if state is None and state_path.is_file():
+        logger.warning("%s exists but resume is off: starting from step 0", state_path)
 
-    labels = state["labels"] if state else label_vocabulary(train_clips)
+    labels = list(state["labels"]) if state else label_vocabulary(train_clips)
+    unseen = sorted(set().union(*(c.labels for c in train_clips)) - set(labels))
+    if unseen:
+        raise CheckpointError(
+            f"{state_path}: trained on labels {labels}, but the training data also has {unseen}; "
+            "train afresh with --no-resume (or another out_dir)"
+        )
     unknown = sorted(set().union(*(c.labels for c in val_clips)) - set(labels))
     if unknown:
         logger.warning("validation labels not seen in training are ignored: %s", unknown)
@@ -575,45 +591,57 @@ def train(
             dataclasses.replace(c, events=tuple(e for e in c.events if e.label in labels)) for c in val_clips
         ]
     if state:
-        model_cfg = BeatsConfig.from_dict(state["model_cfg"])
+        try:
+            model_cfg = BeatsConfig.from_dict(state["model_cfg"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{state_path}: invalid model_cfg ({err})") from None
     else:
-        model_cfg = dataclasses.replace(model_cfg, finetuned_model=True, predictor_class=len(labels))
-    model = build_beats(model_cfg, seed=cfg.seed).train()
-    torch.manual_seed(cfg.seed)  # the frame head's init, then dropout and SpecAugment draws
+        model_cfg = dataclasses.replace(beats_config(section.beats), finetuned_model=True, predictor_class=len(labels))
+    model = build_beats(model_cfg, seed=config.seed).train()
+    torch.manual_seed(config.seed)  # the frame head's init, then dropout and SpecAugment draws
     frame_head = FrameHead(model_cfg.encoder_embed_dim, len(labels), model_cfg.tokens_per_patch_row)
-    optimizer = make_optimizer([model, frame_head], cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    optimizer = make_optimizer([model, frame_head], optim.lr, optim.weight_decay, optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(optim.warmup_steps, optim.max_steps, optim.min_lr_ratio)
+    )
     history: list[dict[str, Any]] = []
     step, wall = 0, 0.0
     if state:
-        model.load_state_dict(state["model"])
-        frame_head.load_state_dict(state["frame_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        history, step, wall = state["history"], state["step"], state["wall_seconds"]
+        try:
+            model.load_state_dict(state["model"])
+            frame_head.load_state_dict(state["frame_head"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{state_path}: does not fit the model it describes ({err})") from None
+        history, step, wall = list(state["history"]), int(state["step"]), float(state["wall_seconds"])
         logger.info("resumed from %s at step %d", state_path, step)
-        changed = {k: (v, getattr(cfg, k)) for k, v in state["train_cfg"].items() if getattr(cfg, k, v) != v}
+        saved = state.get("config", {})  # states before the recipe format have no "config"
+        now = json.loads(json.dumps(config.to_dict(), default=str))
+        changed = [k for k in ("sound_encoder", "data", "optim", "seed") if k in saved and saved[k] != now[k]]
         if changed:
-            logger.warning("resuming with changed settings {name: (saved, now)}: %s", changed)
+            logger.warning("resuming %s with changed settings in %s", state_path, changed)
     params = sum(p.numel() for p in model.parameters())
     logger.info(
         "BEATs %d layers x %d, FFN %d, %d heads: %.2f M params; %d classes %s; %d train / %d val clips",
         model_cfg.encoder_layers, model_cfg.encoder_embed_dim, model_cfg.encoder_ffn_embed_dim,
         model_cfg.encoder_attention_heads, params / 1e6, len(labels), labels, len(train_clips), len(val_clips),
     )
-    hook = model.patch_embedding.register_forward_pre_hook(SpecAugment(cfg)) if cfg.spec_augment else None
+    hook = model.patch_embedding.register_forward_pre_hook(SpecAugment(section)) if section.spec_augment else None
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(torch_rng: torch.Tensor | None = None) -> dict[str, Any]:
         return {
             "step": step, "wall_seconds": wall, "labels": labels, "model_cfg": model_cfg.to_dict(),
-            "train_cfg": dataclasses.asdict(cfg), "model": model.state_dict(), "frame_head": frame_head.state_dict(),
+            "config": json.loads(json.dumps(config.to_dict(), default=str)),
+            "model": model.state_dict(), "frame_head": frame_head.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "history": history,
-        }
+            "torch_rng": torch.get_rng_state() if torch_rng is None else torch_rng, "history": history,
+        }  # fmt: skip
 
     def validate() -> dict[str, Any]:
-        metrics = evaluate(model, frame_head if cfg.frame_loss_weight > 0 else None, val_clips, labels, cfg)
+        head = frame_head if section.frame_loss_weight > 0 else None
+        metrics = evaluate(model, head, val_clips, labels, section, optim.batch_size, config.data.eval_items)
         history.append({"kind": "val", "step": step, **{k: v for k, v in metrics.items() if k != "per_class"}})
         logger.info(
             "step %d validation: mAP %.3f accuracy %.3f exact %.3f frame mAP %.3f loss %.4f",
@@ -624,115 +652,81 @@ def train(
         frame_head.train()
         return metrics
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, dynamic_ncols=True, desc="beats")
+    target = min(optim.max_steps, config.stop_at_step) if config.stop_at_step else optim.max_steps
+    bar = tqdm(total=optim.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train sound_encoder")
     patch = model_cfg.input_patch_size
-    while step < cfg.steps:
-        started = time.perf_counter()
-        indices, starts = batch_plan(len(train_clips), train_clips, step, cfg)
-        batch = make_batch(
-            [train_clips[i] for i in indices], starts, cfg.max_seconds, labels, patch, cfg.min_overlap_seconds
-        )
-        features, token_mask = model.extract_features(batch.waveforms, batch.padding_mask)  # [B, N, D]
-        clip_loss = F.binary_cross_entropy_with_logits(clip_logits(model, features, token_mask), batch.clip_targets)
-        loss = clip_loss
-        frame_loss = torch.zeros(())
-        if cfg.frame_loss_weight > 0:
-            frame = frame_head(features)  # [B, Tp, C]
-            frame_loss = F.binary_cross_entropy_with_logits(
-                frame[batch.frame_mask], batch.frame_targets[batch.frame_mask]
-            )
-            loss = loss + cfg.frame_loss_weight * frame_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_([*model.parameters(), *frame_head.parameters()], cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        wall += time.perf_counter() - started
-        history.append({
-            "kind": "train", "step": step, "loss": loss.item(), "clip_loss": clip_loss.item(),
-            "frame_loss": frame_loss.item(), "lr": scheduler.get_last_lr()[0],
-        })
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", clip=f"{clip_loss.item():.4f}", frame=f"{frame_loss.item():.4f}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+    start_time, last_saved = time.monotonic(), step
+    rng_done = torch.get_rng_state()  # the RNG after the last finished step: what a resumed run continues from
+    try:
+        while step < target:
             started = time.perf_counter()
-            validate()
+            indices, starts = batch_plan(train_clips, step, optim.batch_size, config.seed, section.max_seconds)
+            batch = make_batch(
+                [train_clips[i] for i in indices], starts, section.max_seconds, labels, patch, section.min_overlap_seconds
+            )
+            features, token_mask = model.extract_features(batch.waveforms, batch.padding_mask)  # [B, N, D]
+            clip_loss = F.binary_cross_entropy_with_logits(clip_logits(model, features, token_mask), batch.clip_targets)
+            loss = clip_loss
+            frame_loss = torch.zeros(())
+            if section.frame_loss_weight > 0:
+                frame = frame_head(features)  # [B, Tp, C]
+                frame_loss = F.binary_cross_entropy_with_logits(
+                    frame[batch.frame_mask], batch.frame_targets[batch.frame_mask]
+                )
+                loss = loss + section.frame_loss_weight * frame_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_([*model.parameters(), *frame_head.parameters()], optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            rng_done = torch.get_rng_state()
             wall += time.perf_counter() - started
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            _save_state(state_path, snapshot())
-    bar.close()
-    if hook is not None:
-        hook.remove()
+            history.append({
+                "kind": "train", "step": step, "loss": loss.item(), "clip_loss": clip_loss.item(),
+                "frame_loss": frame_loss.item(), "lr": scheduler.get_last_lr()[0],
+            })
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", clip=f"{clip_loss.item():.4f}", frame=f"{frame_loss.item():.4f}")
+            if step % config.log_every == 0:
+                logger.info("step %d: loss %.4f (clip %.4f, frame %.4f), lr %.2e", step, loss.item(),
+                            clip_loss.item(), frame_loss.item(), scheduler.get_last_lr()[0])  # fmt: skip
+            if config.eval_every and step % config.eval_every == 0 and step < optim.max_steps:
+                started = time.perf_counter()
+                validate()
+                wall += time.perf_counter() - started
+            over_time = config.time_limit_minutes and time.monotonic() - start_time > 60 * config.time_limit_minutes
+            if (config.save_every and step % config.save_every == 0) or step == target or over_time:
+                _save_state(state_path, snapshot())
+                last_saved = step
+            if over_time:
+                logger.warning("time limit of %.1f min reached at step %d", config.time_limit_minutes, step)
+                break
+    except KeyboardInterrupt:
+        if step > last_saved:
+            _save_state(state_path, snapshot(rng_done))
+        logger.warning("interrupted at step %d; rerun the same command to resume", step)
+        return SoundEncoderResult(step, None, finished=False, interrupted=True)
+    finally:
+        bar.close()
+        if hook is not None:
+            hook.remove()
 
-    metrics = validate()
-    model.eval()
-    label_dict = dict(enumerate(labels))
-    save_checkpoint(model, out / FINAL_FILE, label_dict)
-    _save_state(state_path, snapshot())
-    metrics.update(step=step, wall_seconds=wall, params=params, labels=labels)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    finished = step >= optim.max_steps
+    metrics: dict[str, Any] = {}
+    if finished:
+        metrics = validate()
+        model.eval()
+        save_checkpoint(model, out / FINAL_FILE, dict(enumerate(labels)))
+        _save_state(state_path, snapshot())
+        metrics.update(step=step, wall_seconds=wall, params=params, labels=labels)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    else:
+        logger.info("stopped at step %d of %d; rerun the same command to resume", step, optim.max_steps)
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
     try:
         plot_losses(history, out / "loss.png")
     except ImportError:  # matplotlib is optional
         logger.warning("matplotlib is not installed: no loss.png")
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m omnivox.training.sound_encoder",
-        description="Train the small BEATs-architecture sound encoder on datagen data (official checkpoint out).",
-    )
-    p.add_argument("--config", type=Path, help="recipe TOML with [train] and [model] tables")
-    p.add_argument("--data", type=Path, help="datagen folder (train / validation splits)")
-    p.add_argument("--out", type=Path, help="run folder (last.pt, beats_nano.pt, metrics.json, loss.png)")
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for name, field in fields.items():
-        flag = "--" + name.replace("_", "-")
-        if field.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            kind = {"int": int, "float": float}[str(field.type)]
-            p.add_argument(flag, type=kind, default=None)
-    p.add_argument("--no-resume", action="store_true", help="start afresh even when last.pt exists")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: settings come from ``--config`` (if any), then the flags override them."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        train_table, model_table = load_recipe(args.config) if args.config else ({}, {})
-        data = args.data or train_table.pop("data", None)
-        out = args.out or train_table.pop("out", None)
-        train_table.pop("data", None)
-        train_table.pop("out", None)
-        if data is None or out is None:
-            raise ValueError("--data and --out are required (or data / out in the recipe)")
-        for f in dataclasses.fields(TrainConfig):
-            value = getattr(args, f.name)
-            if value is not None:
-                train_table[f.name] = value
-        unknown = sorted(set(train_table) - {f.name for f in dataclasses.fields(TrainConfig)})
-        if unknown:
-            raise ValueError(f"unknown [train] keys {unknown}")
-        cfg = TrainConfig(**train_table)
-        model_cfg = BeatsConfig.from_dict({**NANO_BEATS.to_dict(), **model_table})
-        metrics = train(data, out, cfg, model_cfg, resume=not args.no_resume, progress=not args.no_progress)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in metrics.items() if k != "per_class"}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return SoundEncoderResult(step, out / FINAL_FILE if finished else None, finished, metrics=metrics)

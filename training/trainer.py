@@ -3,7 +3,7 @@
 One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` items on every rank.
 The loss is the summed token cross-entropy of the answer tokens (plus stop tokens) divided
 by the step's label tokens on that rank; DDP averages gradients over ranks. Stage ``ctc``
-replaces it by a CTC loss per transcript token (``training/ctc.py``); ``ctc_weight`` adds
+replaces it by a CTC loss per transcript token (``training/ctc.py``); ``ctc_loss_weight`` adds
 that loss to the other stages.
 
 Outputs in ``out_dir``::
@@ -48,7 +48,8 @@ from torch import nn
 from tqdm import tqdm
 
 from omnivox.agent.audio import load_audio
-from omnivox.agent.model import GenerationSettings, OmnivoxModel, WindowFeatures
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.model import OmnivoxModel, WindowFeatures
 from omnivox.agent.processor import OmnivoxProcessor, TokenizedPrompt
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.evaluation.metrics import word_edits
@@ -276,7 +277,7 @@ class Trainer:
         self._seed(config.seed + self.dist.rank)
         self.processor = self.model.processor
         self.ctc_head: CTCHead | None = None
-        if config.stage == "ctc" or config.ctc_weight > 0:
+        if config.stage == "ctc" or config.ctc_loss_weight > 0:
             self.ctc_head = CTCHead(self.model.llm.get_input_embeddings(), config.ctc_negatives).to(self.device)
             start = Path(config.model.init_from or "") / CTC_HEAD_FILE
             if config.model.init_from and start.is_file():
@@ -299,8 +300,7 @@ class Trainer:
             lambda s: lr_factor(s, optim.warmup_steps, optim.max_steps, optim.scheduler, optim.min_lr_ratio),
         )
         self.scaler = torch.amp.GradScaler("cuda") if config.dtype == "fp16" else None
-        q = self.model.config.qformer
-        per_second = q.frame_rate / q.stride_frames * q.queries_per_window
+        per_second = self.model.adapter.tokens_per_second
         lengths = [estimate_length(i, per_second, config.multi_turn) for i in self.train_items]
         self.plan = BatchPlan(lengths, optim.batch_size, config.seed, self.dist.rank, self.dist.world_size)
         self.step = 0
@@ -387,7 +387,7 @@ class Trainer:
         """The step's objective from summed losses: each a mean over its own targets."""
         total = sums["lm"] / max(lm_labels, 1) if "lm" in sums else 0.0
         if "ctc" in sums:
-            weight = 1.0 if "lm" not in sums else self.config.ctc_weight
+            weight = 1.0 if "lm" not in sums else self.config.ctc_loss_weight
             total = total + weight * sums["ctc"] / max(ctc_labels, 1)
         return total
 
@@ -502,7 +502,7 @@ class Trainer:
                                  "reference": transcript_of(item.metadata), "answer": self._ctc_text(tokens)})  # fmt: skip
                     log.info("step %d | %s | CTC -> %r (reference %r)", self.step, item.audio, rows[-1]["answer"], rows[-1]["reference"])
                     continue
-                answer = self.model.generate([[Message("user", item.turns[0][0], num_audio=1)]], [[tokens]], settings)[0]
+                answer = self.model.generate([[Message("user", item.turns[0][0], num_audio=1)]], [[tokens]], settings)[0].text
             rows.append({"step": self.step, "audio": item.audio, "instruction": item.turns[0][0], "reference": item.turns[0][1], "answer": answer})
             log.info("step %d | %s | %s -> %r (reference %r)", self.step, item.audio, item.turns[0][0], answer, item.turns[0][1])
         with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from omnivox.agent.audio import load_audio
 from omnivox.agent.cli import main as cli_main
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.model import OmnivoxModel
 from omnivox.prompts import Message
 
 REF = Path(__file__).resolve().parents[1] / "data" / "salmonn_ref"
@@ -58,7 +59,7 @@ def _clip(case: dict):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_audio_embeddings_match_official(model, name):
     expected = load_file(REF / EXPECTED["tensors_file"])[f"{name}.speech_embeds"]
-    ours = model.encode_clip(_clip(CASES[name]))
+    ours = model.encode_clip(_clip(CASES[name])).tokens
     assert ours.shape == expected.shape[-2:]
     torch.testing.assert_close(ours, expected.reshape(ours.shape), rtol=1e-4, atol=1e-4)
 

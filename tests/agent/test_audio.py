@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,60 @@ def test_loud_float_is_kept_and_warned(caplog: pytest.LogCaptureFixture) -> None
         audio = load_audio(x, sample_rate=TARGET_SAMPLE_RATE, name="loud")
     assert audio.samples.max() == pytest.approx(1.5)  # not clipped
     assert any("loud" in r.message and "1.500" in r.message for r in caplog.records)
+
+
+def test_truncated_wav_is_read_and_warned_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    full = write(tmp_path / "full.wav", sine(TARGET_SAMPLE_RATE), TARGET_SAMPLE_RATE, subtype="PCM_16")
+    data = full.read_bytes()
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(data[:-1001])  # 16000 frames declared, 500.5 frames' bytes missing
+    reference, _ = sf.read(full, dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="omnivox.agent.audio"):
+        audio = load_audio(cut)
+    np.testing.assert_array_equal(audio.samples, reference[:15499])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert all(
+        f in warnings[0] for f in ("cut.wav", "truncated", "declares 16000 frames", "only 15499 frames")
+    )
+
+    # Float WAV (fact and PEAK chunks before 'data'), stereo, 44.1 kHz, as bytes.
+    caplog.clear()
+    buffer = io.BytesIO()
+    sf.write(buffer, stereo_440_1000(44_100), 44_100, format="WAV", subtype="FLOAT")
+    with caplog.at_level(logging.WARNING, logger="omnivox.agent.audio"):
+        load_audio(buffer.getvalue()[: -8 * 100], name="upload.wav")  # 100 frames short
+    assert [r.getMessage() for r in caplog.records] == [
+        "upload.wav: truncated file: its header declares 44100 frames (1.00 s), only 44000 frames (1.00 s) "
+        "could be read; using those"
+    ]
+
+    caplog.clear()
+    streamed = bytearray(data)  # as ffmpeg writes WAV on a pipe: "length unknown"
+    size_at = data.index(b"data") + 4
+    streamed[size_at : size_at + 4] = b"\xff\xff\xff\xff"
+    with caplog.at_level(logging.WARNING, logger="omnivox.agent.audio"):
+        load_audio(full)
+        load_audio(buffer.getvalue())
+        assert load_audio(bytes(streamed)).num_samples == TARGET_SAMPLE_RATE
+    assert caplog.records == []  # complete files: no warning
+
+
+def test_native_decoder_notes_stay_off_stderr(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # libsndfile's mpg123 prints "Note: Illegal Audio-MPEG-Header ..." to C's stderr for these bytes.
+    noise = tmp_path / "noise.mp3"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    with caplog.at_level(logging.INFO, logger="omnivox.agent.audio"):
+        rejects(["noise.mp3", "cannot decode"], noise)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
+    said = [r.getMessage() for r in caplog.records if "the decoder said" in r.getMessage()]
+    assert len(said) == 1 and "noise.mp3" in said[0] and "Illegal Audio-MPEG-Header" in said[0]
+    print("stderr works again", file=sys.stderr)
+    os.write(2, b"fd 2 works again\n")
+    assert capfd.readouterr().err == "stderr works again\nfd 2 works again\n"
 
 
 # ---------------------------------------------------------------------------------------------

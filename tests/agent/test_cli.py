@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import soundfile as sf
 import tiny
 
@@ -25,11 +26,11 @@ def test_chat_one_question_prints_the_answer(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     from omnivox.agent.audio import load_audio
-    from omnivox.agent.model import GenerationSettings
+    from omnivox.agent.generation import GenerationSettings
 
     model = OmnivoxModel.from_pretrained(tiny_model_dir)
     expected = model.chat("What is said?", [load_audio(wav).samples], GenerationSettings.greedy(max_new_tokens=6))
-    assert out.strip() == expected.strip()
+    assert out.strip() == expected.text
 
 
 def test_interactive_chat_encodes_audio_once_and_keeps_turns(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -41,9 +42,9 @@ def test_interactive_chat_encodes_audio_once_and_keeps_turns(tiny_model_dir, tmp
         calls["encode"] += 1
         return real_encode(self, samples)
 
-    def recording_generate(self, conversations, audio, settings=None, on_text=None):
+    def recording_generate(self, conversations, audio, settings=None, on_text=None, logits_processors=None):
         calls["prompts"].append([m.role for m in conversations[0]])
-        return real_generate(self, conversations, audio, settings, on_text)
+        return real_generate(self, conversations, audio, settings, on_text, logits_processors)
 
     monkeypatch.setattr(OmnivoxModel, "encode_clip", counting_encode)
     monkeypatch.setattr(OmnivoxModel, "generate", recording_generate)
@@ -56,8 +57,8 @@ def test_interactive_chat_encodes_audio_once_and_keeps_turns(tiny_model_dir, tmp
     assert capsys.readouterr().out.count("omnivox> ") == 2
 
 
-def _run_cli(*args):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def _run_cli(*args, **env):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run([sys.executable, "-m", "omnivox.agent.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -69,6 +70,57 @@ def test_bad_audio_is_one_line_and_nonzero(tiny_model_dir, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("omnivox: error:") and "notes.wav" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def _with_hf_whisper(tiny_model_dir, root):
+    """The tiny model folder, its Whisper encoder taken from a whole HF Whisper checkpoint.
+
+    Loading only the encoder leaves the decoder weights unused, which transformers reports in a
+    "LOAD REPORT" table on every load.
+    """
+    import json
+    import shutil
+
+    import torch
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    config = WhisperConfig(
+        vocab_size=64, num_mel_bins=80, d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32, max_source_positions=1500,
+        max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    WhisperForConditionalGeneration(config).save_pretrained(root / "hf-whisper")
+    folder = shutil.copytree(tiny_model_dir, root / "model")
+    data = json.loads((folder / "config.json").read_text())
+    data["encoders"][0]["path"] = str(root / "hf-whisper")  # d_model 16, as the tiny openai-whisper .pt
+    (folder / "config.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_chat_keeps_library_output_off_stderr_unless_verbose(tiny_model_dir, tmp_path):
+    folder = _with_hf_whisper(tiny_model_dir, tmp_path)
+    noise = tmp_path / "noise.mp3"  # libsndfile's mpg123 prints "Note: ..." lines while probing it
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    cache = str(tmp_path / "cache")  # empty: the first load also writes omnivox's cached LLM copy
+    ask = ("chat", "--model", str(folder), "--audio", str(_wav(tmp_path)), "--greedy", "--max-new-tokens", "3", "What?")
+
+    quiet = _run_cli(*ask, OMNIVOX_CACHE=cache)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.strip()
+    for noise_text in ("LOAD REPORT", "Loading weights", "Writing model shards", "%|", "[transformers]"):
+        assert noise_text not in quiet.stderr, quiet.stderr
+    bad = _run_cli("chat", "--model", str(folder), "--audio", str(noise), "hi", OMNIVOX_CACHE=cache)
+    assert bad.returncode == 2
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()]
+    assert bad.stderr.startswith("omnivox: error: audio ") and "noise.mp3" in bad.stderr and "Note:" not in bad.stderr
+
+    # --verbose shows them (which also shows that this folder does make transformers report).
+    verbose = _run_cli("--verbose", *ask, OMNIVOX_CACHE=cache)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "LOAD REPORT" in verbose.stderr and "Loading weights" in verbose.stderr
+    bad = _run_cli("--verbose", "chat", "--model", str(folder), "--audio", str(noise), "hi", OMNIVOX_CACHE=cache)
+    assert bad.returncode == 2 and "Illegal Audio-MPEG-Header" in bad.stderr
 
 
 def test_missing_audio_and_model_errors(tiny_model_dir, tmp_path):
@@ -90,22 +142,22 @@ def test_chat_decodes_as_the_model_folder_says_unless_flags_say_otherwise(tiny_m
     copy = tmp_path / "model"
     shutil.copytree(tiny_model_dir, copy)
     data = json.loads((copy / "config.json").read_text())
-    generation = {"num_beams": 1, "max_new_tokens": 5, "ctc_weight": 0.3}
+    generation = {"num_beams": 1, "max_new_tokens": 5, "ctc_fusion_weight": 0.3}
     (copy / "config.json").write_text(json.dumps({**data, "generation": generation}))
     wav = _wav(tmp_path)
     seen = []
     real = OmnivoxModel.generate
 
-    def recording(self, conversations, audio, settings=None, on_text=None):
+    def recording(self, conversations, audio, settings=None, on_text=None, logits_processors=None):
         seen.append(settings)
-        return real(self, conversations, audio, settings, on_text)
+        return real(self, conversations, audio, settings, on_text, logits_processors)
 
     monkeypatch.setattr(OmnivoxModel, "generate", recording)
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "What?"]) == 0
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--num-beams", "2", "What?"]) == 0
     assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--max-new-tokens", "3", "What?"]) == 0
-    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--ctc-weight", "0", "What?"]) == 0
-    assert [(s.num_beams, s.max_new_tokens, s.ctc_weight) for s in seen] == [(1, 5, 0.3), (2, 5, 0.3), (1, 3, 0.3), (1, 5, 0.0)]
+    assert cli.main(["chat", "--model", str(copy), "--audio", str(wav), "--ctc-fusion-weight", "0", "What?"]) == 0
+    assert [(s.num_beams, s.max_new_tokens, s.ctc_fusion_weight) for s in seen] == [(1, 5, 0.3), (2, 5, 0.3), (1, 3, 0.3), (1, 5, 0.0)]
     capsys.readouterr()
 
 

@@ -11,40 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from omnivox.adapters.ctc import CTC_HEAD_FILE, CTCHead, CTCPrefixScorer
-from omnivox.agent.ctc_fusion import CTCFusion, is_json_transcription_request, is_transcription_request
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.assistant import Assistant
+from omnivox.agent.ctc_fusion import CTCFusion
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.model import OmnivoxModel
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["Transcribe the speech.", "What is being said?", "What is said?", "Write down exactly what the speaker says.",
-     "Please provide a transcript of this audio.", "Transcribe this recording word for word.", "What does the voice say?",
-     "what did she say"],
-)  # fmt: skip
-def test_transcription_requests_are_recognised(text):
-    assert is_transcription_request(text)
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["Describe the sound.", "How many beeps are there?", 'Transcribe the speech. Reply in JSON as {"text": "..."}.',
-     "Summarise what is said.", "What colour did they mention?", "Is anyone speaking?", "Translate what is said into French."],
-)  # fmt: skip
-def test_other_requests_are_left_to_the_llm(text):
-    assert not is_transcription_request(text)
-
-
-@pytest.mark.parametrize(
-    ("text", "wanted"),
-    [('What is being said? Reply in JSON as {"text": "..."}.', True), ("Give the transcript as JSON.", True),
-     ('Transcribe this recording word for word. Answer in JSON as {"words": "..."}.', True),
-     ("Transcribe the speech.", False), ('How many beeps? Reply in JSON as {"count": 0}.', False),
-     ("Summarise what is said. Answer in JSON.", False), ("Transcribe the speech and list the speakers in JSON.", False)],
-)  # fmt: skip
-def test_json_transcription_requests_are_recognised(text, wanted):
-    assert is_json_transcription_request(text) is wanted
 
 
 def _peaked(path: list[int], labels: int, sure: float = 0.95) -> np.ndarray:
@@ -111,34 +83,37 @@ def _ask(model, prompts, clips, settings):
     return model.generate(conversations, [[model.encode_clip(c)] for c in clips], settings)
 
 
-def test_the_model_fuses_transcription_requests_only(ctc_model_dir):
-    model = OmnivoxModel.from_pretrained(ctc_model_dir)
-    assert model.ctc_head is not None and not any("ctc" in n for n, _ in model.named_parameters())
+def test_transcription_requests_only_are_fused(ctc_model_dir):
+    model = Assistant.from_pretrained(ctc_model_dir)
+    assert model.model.ctc_head is not None and not any("ctc" in n for n, _ in model.model.named_parameters())
     clips = [tiny.tone_clip(3.0, 880.0, seed=1), tiny.tone_clip(2.0, 300.0, seed=2)]
     prompts = ["Transcribe the speech.", "Describe the sound."]
     plain = _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10))
-    fused = _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7))
+    fused = _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10, ctc_fusion_weight=0.7))
     assert fused[0] != plain[0] and fused[1] == plain[1]
-    singles = [_ask(model, [p], [c], GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7))[0] for p, c in zip(prompts, clips, strict=True)]
+    singles = [_ask(model, [p], [c], GenerationSettings.greedy(max_new_tokens=10, ctc_fusion_weight=0.7))[0] for p, c in zip(prompts, clips, strict=True)]
     assert singles == fused  # a batch decodes each item as alone
-    beams = _ask(model, prompts[:1], clips[:1], GenerationSettings(num_beams=3, max_new_tokens=10, ctc_weight=0.7))
-    assert len(beams) == 1 and isinstance(beams[0], str)
-    copy = model.save_pretrained(ctc_model_dir.parent / "copy")  # the head travels with the folder
-    assert OmnivoxModel.from_pretrained(copy).generate(
-        [[Message("user", prompts[0], num_audio=1)]], [[model.encode_clip(clips[0])]], GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7)
+    beams = _ask(model, prompts[:1], clips[:1], GenerationSettings(num_beams=3, max_new_tokens=10, ctc_fusion_weight=0.7))
+    assert len(beams) == 1 and isinstance(beams[0].text, str)
+    assert model.model.generate(
+        [[Message("user", prompts[0], num_audio=1)]], [[model.encode_clip(clips[0])]], GenerationSettings.greedy(max_new_tokens=10, ctc_fusion_weight=0.7)
+    ) == plain[:1]  # the model alone never fuses: the step does
+    copy = model.model.save_pretrained(ctc_model_dir.parent / "copy")  # the head travels with the folder
+    assert Assistant.from_pretrained(copy).generate(
+        [[Message("user", prompts[0], num_audio=1)]], [[model.encode_clip(clips[0])]], GenerationSettings.greedy(max_new_tokens=10, ctc_fusion_weight=0.7)
     ) == fused[:1]
-    model.set_ctc_head(None)
-    assert _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10, ctc_weight=0.7)) == plain
+    model.model.set_ctc_head(None)
+    assert _ask(model, prompts, clips, GenerationSettings.greedy(max_new_tokens=10, ctc_fusion_weight=0.7)) == plain
 
 
 def test_a_folder_sets_ctc_decoding_and_bad_heads_are_refused(ctc_model_dir, tmp_path):
     config = json.loads((ctc_model_dir / "config.json").read_text())
-    config["generation"] = {"num_beams": 1, "ctc_weight": 0.4, "ctc_candidates": 5}
+    config["generation"] = {"num_beams": 1, "ctc_fusion_weight": 0.4, "ctc_fusion_candidates": 5}
     (ctc_model_dir / "config.json").write_text(json.dumps(config))
-    settings = GenerationSettings.for_model(OmnivoxModel.from_pretrained(ctc_model_dir).config)
-    assert (settings.ctc_weight, settings.ctc_candidates, settings.num_beams) == (0.4, 5, 1)
-    with pytest.raises(UserInputError, match="ctc_weight must be in"):
-        GenerationSettings(ctc_weight=1.5)
+    settings = OmnivoxModel.from_pretrained(ctc_model_dir).config.generation
+    assert (settings.ctc_fusion_weight, settings.ctc_fusion_candidates, settings.num_beams) == (0.4, 5, 1)
+    with pytest.raises(UserInputError, match="ctc_fusion_weight must be in"):
+        GenerationSettings(ctc_fusion_weight=1.5)
     save_file({"blank": torch.zeros(7), "log_scale": torch.zeros(())}, ctc_model_dir / CTC_HEAD_FILE)
     with pytest.raises(CheckpointError, match=r"'blank': \(7,\).*do not fit this LLM"):
         OmnivoxModel.from_pretrained(ctc_model_dir)

@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from omnivox.agent import cli
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.model import OmnivoxModel
 from omnivox.prompts import Message
 
 
@@ -38,7 +39,7 @@ def test_export_copies_local_encoders_and_keeps_other_files(tmp_path, capsys):
     for name in ("whisper.pt", "beats.pt"):  # the encoder files it came from can go: the bundle has its own
         (tmp_path / "run" / "parts" / name).unlink()
     bundled = OmnivoxModel.from_pretrained(dst)
-    assert GenerationSettings.for_model(bundled.config) == GenerationSettings.greedy(max_new_tokens=9)
+    assert bundled.config.generation == GenerationSettings.greedy(max_new_tokens=9)
     torch.testing.assert_close(_logits(bundled, clip), expected, rtol=0, atol=0)
     assert bundled.ctc_head is not None  # the CTC head came along (joint transcript decoding)
 
@@ -49,6 +50,6 @@ def test_export_rejects_bad_input_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["export", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--generation", "[1]"]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
     assert cli.main(["export", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--generation", '{"beams": 2}']) == 2
-    assert "unknown setting 'beams'" in capsys.readouterr().err
+    assert "--generation: unknown decoding settings ['beams']" in capsys.readouterr().err
     assert cli.main(["export", str(tiny_model_dir), "--out", str(tiny_model_dir)]) == 2
     assert "same folder" in capsys.readouterr().err

@@ -11,7 +11,9 @@ import tiny
 import torch
 import torch.nn.functional as F
 
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.assistant import Assistant
+from omnivox.agent.generation import GenerationSettings
+from omnivox.agent.model import OmnivoxModel
 from omnivox.prompts import Message
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -87,13 +89,14 @@ def test_joint_ctc_decoding_on_cuda_gives_the_cpu_transcript(tiny_model_dir, cli
         head.blank.normal_(generator=torch.Generator().manual_seed(1))
         head.log_scale.fill_(1.5)
     save_file({k: v.detach() for k, v in head.state_dict().items()}, folder / CTC_HEAD_FILE)
-    settings = GenerationSettings.greedy(max_new_tokens=8, ctc_weight=0.6)
+    settings = GenerationSettings.greedy(max_new_tokens=8, ctc_fusion_weight=0.6)
     conversation = [[Message("user", "Transcribe the speech.", num_audio=1)]]
     answers = []
     for device in ("cpu", "cuda"):
-        model = OmnivoxModel.from_pretrained(folder, device=device)
+        assistant = Assistant.from_pretrained(folder, device=device)
+        model = assistant.model
         assert model.ctc_head is not None and model.ctc_head.blank.device.type == device
-        answers.append(model.generate(conversation, [[model.encode_clip(clip)]], settings))
+        answers.append([a.text for a in assistant.generate(conversation, [[model.encode_clip(clip)]], settings)])
     assert answers[0] == answers[1]
 
 
@@ -109,10 +112,10 @@ def test_whisper_transcriber_on_cuda_gives_the_cpu_candidates_and_transcript(tin
     (folder / "config.json").write_text(json.dumps(config))
     hypotheses, answers = [], []
     for device in ("cpu", "cuda"):
-        model = OmnivoxModel.from_pretrained(folder, device=device)
-        assert next(model.transcriber.model.parameters()).device.type == device
-        hyps = model.transcriber.nbest(model.transcriber.encode(clip))
+        assistant = Assistant.from_pretrained(folder, device=device)
+        assert next(assistant.transcriber.model.parameters()).device.type == device
+        hyps = assistant.transcriber.nbest(assistant.transcriber.encode(clip))
         hypotheses.append([(h.tokens, round(h.log_prob, 2)) for h in hyps])
-        answers.append(model.chat("Transcribe the speech.", [clip], GREEDY))
+        answers.append(assistant.chat("Transcribe the speech.", [clip], GREEDY).text)
     assert hypotheses[0] == hypotheses[1]
     assert answers[0] == answers[1]

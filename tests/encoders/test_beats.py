@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from omnivox.encoders.beats import (
     BeatsEncoder,
     build_beats,
     kaldi_fbank,
+    kaldi_mel_banks,
     load_beats_checkpoint,
     save_checkpoint,
 )
@@ -167,12 +169,76 @@ def test_config_validation(overrides, message):
 
 
 # ------------------------------------------------------------------------------------ fbank
+UNIT_ROUNDOFF = 2.0**-24  # float32
+N_FFT = 512  # kaldi_fbank's FFT at 16 kHz: 400-sample frames padded to a power of two
+
+
+def fft_energy(waveform: torch.Tensor) -> torch.Tensor:
+    """[F, 1] energy ||X||^2 = N * ||frame||^2 of each frame's 512-point FFT (Parseval), float64.
+
+    kaldi_fbank's front end redone in float64 (DC removal, pre-emphasis, povey window); it only
+    sizes the tolerance of :func:`assert_fbank_close`.
+    """
+    frames = waveform.double().unfold(-1, 400, 160)  # [F, 400]
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    frames = frames - 0.97 * torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
+    window = torch.hann_window(400, periodic=False, dtype=torch.float64).pow(0.85)
+    return N_FFT * (frames * window).pow(2).sum(dim=-1, keepdim=True)
+
+
+def assert_fbank_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    waveform: torch.Tensor,
+    filter_difference: torch.Tensor | None = None,
+) -> None:
+    """Check log mel energies [F, M] of ``waveform`` [S] to what float32 rounding allows each one.
+
+    Two float32 fbanks of one waveform (another CPU, FFT library or summation order) differ by:
+
+    * the FFT: any N-point FFT perturbs every output by up to ||dX|| <= c u log2(N) ||X|| (Higham,
+      "Accuracy and Stability of Numerical Algorithms", Thm 24.2: c ~ 7 for radix 2; c = 10 also
+      covers the front end), u = 2^-24. The error is sized by the frame's energy E = ||X||^2, not
+      by the bin's: filter j (weights w_jk summing to W_j, energy m_j = sum_k w_jk |X_k|^2) moves
+      by up to 2 d sqrt(W_j m_j E) + d^2 W_j E (Cauchy-Schwarz), d = 2 * 10 u log2(N) for two
+      runs, and its log by -log(1 - that / m_j). A 20-50 Hz filter holding one FFT bin that
+      pre-emphasis nearly cancels (m_j ~ 1e-11 E) can move by 1e-3 and more; a strong one by 1e-5;
+    * the filter sum (257 non-negative terms) and the log: 2 (257 + 4) u ~ 3e-5;
+    * ``filter_difference`` [M, N/2 + 1], if given: |w_jk - w'_jk| between two implementations'
+      filters, acting on |X_k|^2 <= min(E, min_i m_i / w_ik) (every filter sums non-negative terms).
+
+    What sums exact zeros keeps the 3e-5 alone: a silent frame (E = 0), an empty filter (W_j = 0).
+    """
+    num_mel_bins = expected.shape[-1]
+    banks = kaldi_mel_banks(num_mel_bins, N_FFT, 16000.0).double()  # [M, K]
+    energy = fft_energy(waveform)  # [F, 1]
+    mel = expected.double().exp()  # [F, M], the reference energies m_j
+    d = 2 * 10 * UNIT_ROUNDOFF * math.log2(N_FFT)
+    weight = banks.sum(dim=-1)  # [M] W_j
+    spread = 2 * d * (weight * mel * energy).sqrt() + d**2 * weight * energy  # [F, M]
+    if filter_difference is not None:
+        bin_power = (mel[:, :, None] / banks).amin(dim=1).clamp(max=energy)  # [F, K]; w = 0 gives inf
+        spread = spread + bin_power @ filter_difference.double().T
+    relative = spread / mel
+    tolerance = 2 * (N_FFT // 2 + 1 + 4) * UNIT_ROUNDOFF - torch.log1p(-relative.clamp(max=1.0))  # inf at 1
+    error = (actual.double() - expected.double()).abs()
+    failed = error > tolerance
+    worst = tuple(int(i) for i in np.unravel_index(int((error - tolerance).argmax()), error.shape))
+    assert not failed.any(), (
+        f"{int(failed.sum())} of {error.numel()} log mel energies off by more than float32 rounding allows; "
+        f"worst (frame, bin) {worst}: |{float(actual[worst]):.6f} - {float(expected[worst]):.6f}| = "
+        f"{float(error[worst]):.3g} > {float(tolerance[worst]):.3g}"
+    )
+
+
 def test_fbank_matches_torchaudio_reference():
     with np.load(DATA / "fbank_ref.npz") as ref:
         waveform, expected = torch.from_numpy(ref["waveform_int16"]).float(), torch.from_numpy(ref["fbank"])
     fbank = kaldi_fbank(waveform)
     assert fbank.shape == expected.shape == (28, 128)  # 1 + (4800 - 400) // 160 frames
-    torch.testing.assert_close(fbank, expected, atol=1e-3, rtol=0)
+    # Not one atol: mel bin 0 of frame 10 holds 3e-11 of its frame's energy, and another CPU's FFT
+    # moved its log by 1.7e-3 while the strong bins agree to 1e-5.
+    assert_fbank_close(fbank, expected, waveform)
     # Mel filter 3 holds no FFT bin at 128 bins / 512 points: torchaudio keeps it at log(eps).
     eps_log = float(np.log(np.finfo(np.float32).eps))
     assert torch.allclose(fbank[:, 3], torch.full((28,), eps_log))
@@ -189,16 +255,21 @@ def test_fbank_matches_kaldi_native_fbank_where_it_applies():
     online.accept_waveform(16000, waveform)
     online.input_finished()
     expected = torch.from_numpy(np.stack([online.get_frame(i) for i in range(online.num_frames_ready)]))
-    torch.testing.assert_close(
-        kaldi_fbank(torch.from_numpy(waveform), num_mel_bins=80), expected, atol=2e-3, rtol=0
-    )
+    # Kaldi builds its filters with its own float32 mel arithmetic: weights differ by up to ~1e-5.
+    knf_banks = knf.MelBanks(opts.mel_opts, opts.frame_opts)
+    unit = np.eye(N_FFT // 2 + 1, dtype=np.float32)
+    knf_weights = torch.from_numpy(np.stack([knf_banks.compute(row) for row in unit], axis=1))  # [80, 257]
+    filter_difference = (knf_weights.double() - kaldi_mel_banks(80, N_FFT, 16000.0).double()).abs()
+    waveform = torch.from_numpy(waveform)
+    assert_fbank_close(kaldi_fbank(waveform, num_mel_bins=80), expected, waveform, filter_difference)
 
 
 def test_fbank_of_a_batch_equals_fbank_per_item():
     waveforms = torch.randn(3, 5000) * 3000
     batched = kaldi_fbank(waveforms)
     for row, item in zip(batched, waveforms, strict=True):
-        torch.testing.assert_close(row, kaldi_fbank(item), atol=1e-5, rtol=0)
+        # Same code, but a batch may take other FFT and matmul kernels: bounded like another CPU.
+        assert_fbank_close(row, kaldi_fbank(item), item)
 
 
 # ------------------------------------------------------------------------------------ parity

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from omnivox.agent.model import GenerationSettings, OmnivoxModel
+from omnivox.agent.generation import Generation, GenerationSettings
+from omnivox.agent.model import OmnivoxModel
 from omnivox.errors import UserInputError
 from omnivox.evaluation import metrics as M
 from omnivox.evaluation.cli import add_eval_arguments, run_eval
@@ -59,8 +60,11 @@ class ScriptedModel:
 
     def __init__(self) -> None:
         self.batches: list[list[list[Message]]] = []
-        self.config = SimpleNamespace(generation={})  # no default decoding of its own
+        self.model = SimpleNamespace(config=SimpleNamespace(transcriber=None))
         self.transcriber = None
+
+    def settings(self, **overrides) -> GenerationSettings:
+        return GenerationSettings().override(**overrides)
 
     def encode_clip(self, samples) -> torch.Tensor:
         return torch.zeros(3, 4)  # [N, H]
@@ -68,7 +72,7 @@ class ScriptedModel:
     def generate(self, conversations, audio, settings=None):
         assert len(conversations) == len(audio) and all(len(a) == 1 for a in audio)
         self.batches.append([list(c) for c in conversations])
-        return [SCRIPTED[c[-1].text] for c in conversations]
+        return [Generation(SCRIPTED[c[-1].text], [], "stop") for c in conversations]
 
 
 def test_scripted_answers_give_the_hand_computed_numbers(tmp_path, write_manifest):
@@ -162,7 +166,7 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"suite", "split", "model", "settings", "metrics", "overall", "confusion", "notes", "items"}
     assert res["settings"]["num_beams"] == 1 and res["settings"]["max_new_tokens"] == 4
-    assert res["settings"]["ctc_weight"] == 0.0  # the model's default: the tiny folder sets none
+    assert res["settings"]["ctc_fusion_weight"] == 0.0  # the model's default: the tiny folder sets none
     # 8 content answers (one classification in JSON), 2 format checks, 2 dialogue turns
     assert len(res["items"]) == 12
     assert {r["group"] for r in res["items"]} >= {"format_json", "format_list", "multi_turn/turn 1", "multi_turn/turn 2"}
@@ -187,11 +191,11 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
         row, col = conf["labels"].index(r["details"]["reference_label"]), conf["labels"].index(r["details"]["predicted_label"])
         assert conf["matrix"][row][col] >= 1
     md = (out / "results.md").read_text()
-    assert "CTC weight in transcripts 0.0; transcripts by the LLM" in md
+    assert "CTC fusion weight in transcripts 0.0; transcripts by the LLM" in md
     assert res["settings"]["transcriber"] is None
     from omnivox.evaluation.report import _transcriber
 
-    named = _transcriber({"beam_size": 5, "whisper_weight": 1.0, "llm_weight": 0.7, "ctc_weight": 0.3})
+    named = _transcriber({"beam_size": 5, "whisper_weight": 1.0, "llm_weight": 0.7, "ctc_rescore_weight": 0.3})
     assert named == "transcripts chosen among Whisper's 5 best and the LLM's (weights Whisper 1.0, LLM 0.7, CTC 0.3)"
     for name in res["metrics"]:
         assert f"| {name} |" in md
@@ -202,11 +206,11 @@ def test_tiny_model_end_to_end_writes_consistent_results(tiny_model_dir, tmp_pat
     model = OmnivoxModel.from_pretrained(tiny_model_dir)
     settings = GenerationSettings.greedy(max_new_tokens=4)
     clip = [model.encode_clip(load_audio(data / "b.wav").samples)]
-    first = model.generate([[Message("user", "Describe the audio.", num_audio=1)]], [clip], settings)[0]
+    first = model.generate([[Message("user", "Describe the audio.", num_audio=1)]], [clip], settings)[0].text
     second = model.generate(
         [[Message("user", "Describe the audio.", num_audio=1), Message("assistant", first), Message("user", "Is anyone speaking?")]],
         [clip], settings,
-    )[0]  # fmt: skip
+    )[0].text  # fmt: skip
     turns = sorted((r for r in res["items"] if r["task"] == "multi_turn"), key=lambda r: r["turn"])
     assert [r["prediction"] for r in turns] == [first, second]
 

@@ -37,7 +37,9 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL + "[optim]\nlr_rate = 1\n", (), "unknown key optim.lr_rate"),
         (MINIMAL, ("optim.lr=-1",), "optim.lr must be > 0, got -1"),
         (MINIMAL, ("optim.batch_size=2.5",), "optim.batch_size must be an integer"),
-        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['ctc', 'align', 'instruct'\\]"),
+        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['ctc', 'align', 'instruct', 'sound_encoder'\\]"),
+        (MINIMAL, ("sound_encoder.max_seconds=2",), "\\[sound_encoder\\] is read only by stage 'sound_encoder'"),
+        ("stage = 'sound_encoder'\n" + MINIMAL, (), "stage 'sound_encoder' has no \\[model\\] section"),
         (MINIMAL, ("dtype=fp16", "device=cpu"), "fp16 needs a GPU"),
         (MINIMAL, ("model.llm=x",), "model.init_from is set, so model.llm must be left out"),
         (MINIMAL.replace('init_from = "some/folder"', 'llm = "x"'), (), "model.encoders: a fresh model needs"),
@@ -62,3 +64,15 @@ def test_qformer_geometry_is_checked_early(tmp_path):
 def test_shipped_recipes_parse(name):
     config = load_train_config(RECIPES / f"{name}.toml", ("vars.beats_path=/x/beats.pt",))
     assert config.stage == ("align" if name.endswith("1") else "instruct")
+
+
+def test_sound_encoder_recipe_parses():
+    config = load_train_config(RECIPES / "nano_beats.toml", ("vars.dataset=/x/synth", "optim.max_steps=650"))
+    assert config.stage == "sound_encoder" and config.model is None
+    assert config.data.dir == "/x/synth" and config.optim.max_steps == 650 and config.optim.betas == (0.9, 0.98)
+    assert config.sound_encoder.max_seconds == 4.0 and config.sound_encoder.beats["encoder_layers"] == 4
+
+
+def test_sound_encoder_section_defaults_when_left_out(tmp_path):
+    config = _load(tmp_path, "stage = 'sound_encoder'\n[data]\ndir = 'd'\n")
+    assert config.sound_encoder is not None and config.sound_encoder.frame_loss_weight == 1.0

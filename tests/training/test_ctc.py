@@ -1,4 +1,4 @@
-"""CTC against the LLM's embedding table: the head itself, and stage ``ctc`` / ``ctc_weight`` runs."""
+"""CTC against the LLM's embedding table: the head itself, and stage ``ctc`` / ``ctc_loss_weight`` runs."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def test_ctc_stage_lowers_its_loss_and_hands_its_head_to_the_next_stage(fresh_re
     recipe2.write_text(f"""
 stage = "align"
 out_dir = "{out2}"
-ctc_weight = 0.5
+ctc_loss_weight = 0.5
 ctc_negatives = 16
 device = "cpu"
 [model]
@@ -106,6 +106,9 @@ batch_size = 4
 
 def test_ctc_settings_are_checked(fresh_recipe, tmp_path):
     recipe = tmp_path / "bad.toml"
-    recipe.write_text(fresh_recipe(tmp_path / "x", ctc_weight=-1.0))
-    with pytest.raises(ConfigError, match=r"ctc_weight must be >= 0, got -1.0"):
+    recipe.write_text(fresh_recipe(tmp_path / "x", ctc_loss_weight=-1.0))
+    with pytest.raises(ConfigError, match=r"ctc_loss_weight must be >= 0, got -1.0"):
+        load_train_config(recipe)
+    recipe.write_text(fresh_recipe(tmp_path / "x", ctc_weight=0.3))  # the old name
+    with pytest.raises(ConfigError, match=r"unknown key ctc_weight \(ctc_weight was renamed ctc_loss_weight\)"):
         load_train_config(recipe)

@@ -24,7 +24,7 @@ def _losses(out_dir, key="loss"):
 
 
 def _recipe(tiny_folder, dataset, tmp_path, name, *, stage="instruct", dtype="fp32", quantization="none",
-            ctc_weight=0.0, steps=6):  # fmt: skip
+            ctc_loss_weight=0.0, steps=6):  # fmt: skip
     out = tmp_path / name
     recipe = tmp_path / f"{name}.toml"
     lora = "[model.lora]\nr = 4\n" if stage == "instruct" else ""
@@ -37,7 +37,7 @@ eval_every = 3
 device = "cuda"
 dtype = "{dtype}"
 quantization = "{quantization}"
-ctc_weight = {ctc_weight}
+ctc_loss_weight = {ctc_loss_weight}
 [model]
 init_from = "{tiny_folder}"
 {lora}
@@ -57,14 +57,14 @@ scheduler = "constant"
 
 
 @pytest.mark.parametrize(
-    ("dtype", "quantization", "ctc_weight"),
+    ("dtype", "quantization", "ctc_loss_weight"),
     [("fp32", "none", 0.0), ("bf16", "none", 0.3), ("fp16", "none", 0.0), ("bf16", "4bit", 0.0)],
 )
-def test_instruct_run_on_cuda_lowers_the_loss_and_writes_a_model(tiny_folder, dataset, tmp_path, dtype, quantization, ctc_weight):
+def test_instruct_run_on_cuda_lowers_the_loss_and_writes_a_model(tiny_folder, dataset, tmp_path, dtype, quantization, ctc_loss_weight):
     if quantization != "none":
         pytest.importorskip("bitsandbytes")
     recipe, out = _recipe(tiny_folder, dataset, tmp_path, f"{dtype}-{quantization}", dtype=dtype,
-                          quantization=quantization, ctc_weight=ctc_weight)  # fmt: skip
+                          quantization=quantization, ctc_loss_weight=ctc_loss_weight)  # fmt: skip
     result = train(load_train_config(recipe), progress=False)
     assert result.finished and result.step == 6
     losses = _losses(out)

@@ -1,4 +1,6 @@
-"""Training of the small BEATs sound encoder: a tiny model on a tiny datagen-format dataset."""
+"""Training of the small BEATs sound encoder (stage ``sound_encoder``): a tiny model on a tiny
+datagen-format dataset, run the way users run it (``python -m omnivox.training train RECIPE``,
+which is what ``omnivox train RECIPE`` calls)."""
 
 from __future__ import annotations
 
@@ -12,20 +14,22 @@ import soundfile as sf
 import torch
 
 from omnivox.encoders.beats import BeatsConfig, BeatsEncoder, load_beats_checkpoint
+from omnivox.errors import CheckpointError
+from omnivox.training.cli import main
+from omnivox.training.config import ConfigError, DataSection, ModelSection, TrainConfig, load_train_config
 from omnivox.training.sound_encoder import (
     FINAL_FILE,
     STATE_FILE,
-    TrainConfig,
     average_precision,
     clip_logits,
     load_split,
-    main,
+    load_state,
     make_batch,
     train,
 )
 
 SR = 16_000
-TINY = BeatsConfig(
+TINY_FIELDS = dict(
     embed_dim=16,
     encoder_layers=2,
     encoder_embed_dim=32,
@@ -36,6 +40,7 @@ TINY = BeatsConfig(
     num_buckets=32,
     max_distance=64,
 )
+TINY = BeatsConfig(**TINY_FIELDS)
 
 
 def _event(label: str, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -85,12 +90,38 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _cfg(**overrides) -> TrainConfig:
-    base = dict(
-        steps=12, seed=0, batch_size=4, lr=3e-3, warmup_steps=2, max_seconds=1.5, eval_max_seconds=3.0,
-        spec_augment=False, save_every=4, eval_every=0, threads=2,
+def _recipe(tmp_path: Path, data_dir: Path, out: Path, **top) -> Path:
+    """A stage sound_encoder recipe with the tiny architecture; ``top`` sets top-level keys."""
+    settings = {"stage": "sound_encoder", "out_dir": str(out), "seed": 0, "save_every": 4, "eval_every": 0,
+                "log_every": 1, "device": "cpu", "threads": 2, **top}  # fmt: skip
+    beats = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_FIELDS.items())
+    path = tmp_path / f"{out.name}.toml"
+    path.write_text(
+        "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items())
+        + f"""
+
+[data]
+dir = "{data_dir}"
+
+[optim]
+max_steps = 8
+batch_size = 4
+lr = 3e-3
+weight_decay = 0.01
+betas = [0.9, 0.98]
+warmup_steps = 2
+min_lr_ratio = 0.05
+
+[sound_encoder]
+max_seconds = 1.5
+eval_max_seconds = 3.0
+spec_augment = false
+
+[sound_encoder.beats]
+{beats}
+"""
     )
-    return TrainConfig(**{**base, **overrides})
+    return path
 
 
 def test_load_split_uses_items_until_manifests_exist(data_dir: Path, tmp_path: Path) -> None:
@@ -127,15 +158,17 @@ def test_average_precision() -> None:
     assert np.isnan(average_precision(np.array([0.5]), np.array([0.0])))
 
 
-def test_training_lowers_loss_and_writes_official_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+def test_training_lowers_loss_and_writes_official_checkpoint(data_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    metrics = train(data_dir, out, _cfg(steps=12), TINY, progress=False)
+    assert main(["train", str(_recipe(tmp_path, data_dir, out)), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / FINAL_FILE)
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     losses = [h["loss"] for h in history if h["kind"] == "train"]
-    assert len(losses) == 12
+    assert len(losses) == 8
     assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["labels"] == ["tone", "white noise"] and 0.0 <= metrics["mAP"] <= 1.0
-    assert (out / "loss.png").is_file() and (out / "metrics.json").is_file()
+    assert (out / "loss.png").is_file()
 
     raw = torch.load(out / FINAL_FILE, map_location="cpu", weights_only=True)
     assert set(raw) == {"cfg", "model", "label_dict"}
@@ -154,35 +187,69 @@ def test_training_lowers_loss_and_writes_official_checkpoint(data_dir: Path, tmp
     torch.testing.assert_close(torch.sigmoid(clip_logits(model, features, mask)), model.classify(wave))
 
 
-def test_resume_continues_at_the_right_step(data_dir: Path, tmp_path: Path) -> None:
-    # A constant learning rate makes the schedule independent of the total steps.
-    constant = dict(warmup_steps=0, min_lr_ratio=1.0, spec_augment=True)
+def test_stopped_run_resumes_to_the_uninterrupted_result(data_dir: Path, tmp_path: Path) -> None:
+    # Dropout and SpecAugment draw from the torch RNG, so the restored RNG state matters too.
+    top = {"save_every": 0}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(data_dir, straight, _cfg(steps=4, **constant), TINY, progress=False)
-    train(data_dir, resumed, _cfg(steps=2, save_every=2, **constant), TINY, progress=False)
-    assert torch.load(resumed / STATE_FILE, weights_only=False)["step"] == 2
-    assert main(["--data", str(data_dir), "--out", str(resumed), "--steps", "4", "--batch-size", "4", "--lr", "3e-3",
-                 "--warmup-steps", "0", "--min-lr-ratio", "1.0", "--max-seconds", "1.5", "--eval-max-seconds", "3.0",
-                 "--eval-every", "0", "--no-progress", "--config", str(_recipe(tmp_path))]) == 0
-    state = torch.load(resumed / STATE_FILE, weights_only=False)
+    overrides = ["--set", "optim.max_steps=4", "--set", "sound_encoder.spec_augment=true", "--no-progress"]
+    assert main(["train", str(_recipe(tmp_path, data_dir, straight, **top)), *overrides]) == 0
+    recipe = str(_recipe(tmp_path, data_dir, resumed, **top))
+    assert main(["train", recipe, *overrides, "--set", "stop_at_step=2"]) == 0
+    assert not (resumed / FINAL_FILE).exists()
+    state = torch.load(resumed / STATE_FILE, map_location="cpu", weights_only=True)
+    assert state["step"] == 2 and state["scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["state"] and state["torch_rng"].dtype == torch.uint8
+
+    assert main(["train", recipe, *overrides]) == 0  # the same command again: resumes at step 2
+    state, reference = load_state(resumed / STATE_FILE), load_state(straight / STATE_FILE)
     assert state["step"] == 4
     assert [h["step"] for h in state["history"] if h["kind"] == "train"] == [1, 2, 3, 4]
-    reference = torch.load(straight / STATE_FILE, weights_only=False)["model"]
+    assert [h["loss"] for h in state["history"]] == pytest.approx([h["loss"] for h in reference["history"]])
     for key, value in state["model"].items():
-        torch.testing.assert_close(value, reference[key], msg=key)
+        torch.testing.assert_close(value, reference["model"][key], msg=key)
 
 
-def _recipe(tmp_path: Path) -> Path:
-    """A recipe with the tiny architecture (the flags override its [train] table)."""
-    path = tmp_path / "tiny.toml"
-    model = "\n".join(f"{k} = {json.dumps(v)}" for k, v in dataclasses.asdict(TINY).items()
-                      if k in {"embed_dim", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
-                               "encoder_attention_heads", "conv_pos", "conv_pos_groups", "num_buckets",
-                               "max_distance"})
-    path.write_text(f"[train]\nseed = 0\nspec_augment = true\nsave_every = 4\n\n[model]\n{model}\n")
-    return path
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["sound_encoder.frame_loss_weight=-1"], "sound_encoder.frame_loss_weight must be >= 0, got -1"),
+        (["sound_encoder.max_secs=2"], "unknown key sound_encoder.max_secs"),
+        (["sound_encoder.max_seconds=0.1"], "sound_encoder.max_seconds must be >= 0.175 s"),
+        (["sound_encoder.beats.encoder_layerz=2"], "unknown key sound_encoder.beats.encoder_layerz"),
+        (["sound_encoder.beats.conv_pos_groups=5"], "sound_encoder.beats: .*not divisible by conv_pos_groups 5"),
+        (["sound_encoder.beats.predictor_class=3"], "sound_encoder.beats.predictor_class is set from the training labels"),
+        (["optim.grad_accum=2"], "optim.grad_accum: stage 'sound_encoder' .* needs 1, got 2"),
+        (["optim.scheduler=linear"], "optim.scheduler: stage 'sound_encoder' .* needs 'cosine', got 'linear'"),
+        (["device=cuda"], "device: stage 'sound_encoder' .* got 'cuda'"),
+        (["model.init_from=x"], "stage 'sound_encoder' has no \\[model\\] section"),
+        (["stage=align", "model.init_from=x"], "\\[sound_encoder\\] is read only by stage 'sound_encoder'"),
+    ],
+)
+def test_bad_recipe_fields_are_named(data_dir: Path, tmp_path: Path, overrides: list[str], message: str) -> None:
+    recipe = _recipe(tmp_path, data_dir, tmp_path / "run")
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(recipe, overrides)
 
 
-def test_cli_reports_bad_input(tmp_path: Path, capsys) -> None:
-    assert main(["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+def test_cli_reports_user_errors_in_one_line(data_dir: Path, tmp_path: Path, capsys) -> None:
+    recipe = str(_recipe(tmp_path, data_dir, tmp_path / "run"))
+    assert main(["train", recipe, "--set", "sound_encoder.time_masks=-1"]) == 2
+    assert "sound_encoder.time_masks must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["train", recipe, "--set", f"data.dir={tmp_path / 'empty'}", "--no-progress"]) == 2
     assert "no train items" in capsys.readouterr().err
+    (tmp_path / "run" / STATE_FILE).write_bytes(b"not a checkpoint")
+    assert main(["train", recipe, "--no-progress"]) == 2
+    assert "last.pt is not a readable sound-encoder training state checkpoint" in capsys.readouterr().err
+
+
+def test_state_with_missing_parts_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / STATE_FILE
+    torch.save({"step": 3, "model": {}}, path)
+    with pytest.raises(CheckpointError, match="missing \\['wall_seconds', 'labels'"):
+        load_state(path)
+
+
+def test_train_refuses_another_stage() -> None:
+    config = TrainConfig(data=DataSection(dir="data"), model=ModelSection(init_from="some/folder"))
+    with pytest.raises(ConfigError, match="stage must be 'sound_encoder'"):
+        train(config)

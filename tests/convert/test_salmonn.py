@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 
 from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
-from omnivox.adapters.salmonn import (
+from omnivox.convert.salmonn import (
     IGNORED_KEYS,
-    build_tiny_salmonn_checkpoint,
     convert_salmonn_state,
     export_salmonn_state,
     load_salmonn_checkpoint,
@@ -33,7 +33,7 @@ def _one_thread():
 @pytest.fixture
 def tiny_ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "salmonn_tiny.pth"
-    build_tiny_salmonn_checkpoint(path, **TINY)
+    tiny.make_salmonn_checkpoint(path, **TINY)
     return path
 
 
@@ -89,7 +89,7 @@ def test_extras_are_tolerated_and_reported(tiny_ckpt: Path) -> None:
 
 def test_without_extras(tmp_path: Path) -> None:
     path = tmp_path / "plain.pth"
-    build_tiny_salmonn_checkpoint(path, **TINY, extras=False)
+    tiny.make_salmonn_checkpoint(path, **TINY, extras=False)
     assert load_salmonn_checkpoint(path, num_heads=4).report.ignored == ()
 
 

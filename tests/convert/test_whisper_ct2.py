@@ -15,14 +15,14 @@ import whisper
 from transformers import PreTrainedTokenizerFast, WhisperConfig, WhisperForConditionalGeneration
 from whisper_names import hf_to_openai_state_dict
 
-from omnivox.encoders.whisper import WhisperEncoder
-from omnivox.encoders.whisper_ct2 import (
+from omnivox.convert.whisper_ct2 import (
     CT2ModelFile,
     alignment_heads_dump,
     convert_ctranslate2_whisper,
     default_ct2_whisper_dir,
     read_ct2_model_bin,
 )
+from omnivox.encoders.whisper import WhisperEncoder
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import tiny
 import torch
 import whisper
 
-from omnivox.encoders.whisper_decoder import WhisperTranscriber
+from omnivox.agent.transcriber import WhisperTranscriber
 from omnivox.errors import CheckpointError, UserInputError
 
 EOT = 50256
@@ -55,8 +55,10 @@ def test_best_hypothesis_equals_openai_whisper_beam_search(checkpoint, ends, see
     assert len(hyps) == 5
     assert list(hyps[0].tokens) == result.tokens
     assert hyps[0].text == result.text.strip()
-    # openai-whisper reports the sum over the text tokens and the end, divided by their count
-    assert hyps[0].log_prob / (len(hyps[0].tokens) + 1) == pytest.approx(result.avg_logprob, abs=1e-5)
+    # openai-whisper reports the sum over the text tokens and the end, divided by their count.
+    # Each log-prob is logit - logsumexp near 19 (ulp 1.9e-6), from logits the two searches build with
+    # other kv-cache batch shapes: a few ulp per token, which need not cancel in the mean (3e-5 = 16 ulp).
+    assert hyps[0].log_prob / (len(hyps[0].tokens) + 1) == pytest.approx(result.avg_logprob, abs=3e-5)
     ranks = [h.log_prob / len(h.tokens) for h in hyps]
     assert ranks == sorted(ranks, reverse=True)
     if ends:
@@ -101,7 +103,10 @@ def test_text_scores(checkpoint):
     scores = transcriber.score(features, texts)
     ids = [transcriber.tokenizer.encode(" " + hyp.text), [], [], transcriber.tokenizer.encode(" at 5:20 pm")]
     plain = transcriber.score_tokens(features, ids, search_rules=False)
-    assert scores[0] == pytest.approx(plain[0]) and scores[1] == pytest.approx(plain[1]) and scores[3] == pytest.approx(plain[3])
+    # score() leaves the too-long text out of its batch (3 rows, not 4): other GEMM shapes, so a few
+    # ulp of the logits (~19, ulp 1.9e-6) per token; pytest's default rel 1e-6 gives plain[1] (-0.96) 1e-6.
+    assert scores[0] == pytest.approx(plain[0], abs=1e-4) and scores[1] == pytest.approx(plain[1], abs=1e-4)
+    assert scores[3] == pytest.approx(plain[3], abs=1e-4)
     assert scores[2] == float("-inf")  # longer than the 32 decoder positions
     # the search's rules: no end first, no bare ":" (a non-speech symbol); the plain distribution allows both
     ruled = transcriber.score_tokens(features, ids, search_rules=True)

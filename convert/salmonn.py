@@ -16,6 +16,10 @@ and LLaMA weights are dropped) plus every buffer. So ``ckpt["model"]`` holds:
 
 Anything else is an error, as is anything missing or of the wrong shape: a silently skipped LoRA
 prefix would leave LoRA at zero and give plausible but degraded answers.
+
+``convert_salmonn`` writes an omnivox model folder from such a checkpoint (``omnivox convert
+salmonn``). The base LLM and the encoders are referenced, not copied: by hub id, or by absolute
+path when they are local. Only the trained parts are written (adapter, LoRA, tokenizer).
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from omnivox.adapters.qformer import AudioAdapter, QFormerConfig
+from omnivox.agent.config import AudioSettings, EncoderRef, LoraSettings, OmnivoxConfig
+from omnivox.encoders.base import sha256_file
 from omnivox.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -158,8 +165,6 @@ class SalmonnWeights:
 
     def write_peft_adapter(self, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (loadable by ``PeftModel.from_pretrained``)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.lora_config(base_model_name_or_path).save_pretrained(str(directory))
@@ -407,75 +412,99 @@ def export_salmonn_state(adapter: AudioAdapter, lora_state: Mapping[str, Tensor]
     return out
 
 
-# ---- tiny checkpoints in the official format (tests, docs) ----------------------------------
+# ---- model folder (``omnivox convert salmonn``) ------------------------------------------------
 
 
-def build_tiny_salmonn_checkpoint(
-    path: str | Path, *, whisper_dim: int, beats_dim: int, hidden: int, heads: int, layers: int = 2,
-    llm_hidden: int, llm_layers: int, lora_r: int = 8, seed: int = 0, extras: bool = True,
-    intermediate_size: int | None = None, queries_per_window: int = 1, llm_heads: int = 4,
-) -> QFormerConfig:
-    """Write a random checkpoint with exactly the official keys and file structure.
+def _local_or_ref(ref: str) -> str:
+    path = Path(ref).expanduser()
+    return str(path.resolve()) if path.exists() else ref
 
-    The file is what SALMONN's ``Runner.save_checkpoint`` writes: ``{"model": trained params + all
-    buffers, "optimizer": AdamW state, "config": run config dict, "scaler": None, "epoch": 0}``.
-    With ``extras`` the model state also carries the tolerated buffers: BERT ``position_ids``
-    ``[1, 512]``, rotary ``inv_freq`` per LLM layer, and ``beats.*`` shared-bias aliases; without
-    it, ``"model"`` holds only the adapter and LoRA tensors.
+
+def _whisper_width(ref: str) -> int | None:
+    """d_model of a local HF Whisper folder (None when it cannot be read cheaply)."""
+    config = Path(ref) / "config.json"
+    if config.is_file():
+        return int(json.loads(config.read_text())["d_model"])
+    return None
+
+
+def _beats_width(path: Path) -> int:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors come in many types
+        raise CheckpointError(f"cannot read the BEATs checkpoint {path}: {err}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("cfg"), dict):
+        raise CheckpointError(f"{path} is not a BEATs checkpoint (expected a dict with 'cfg' and 'model')")
+    return int(ckpt["cfg"].get("encoder_embed_dim", 768))
+
+
+def _llm_shape(ref: str) -> tuple[int, int] | None:
+    """(hidden_size, num_hidden_layers) of a local HF LLM folder, None otherwise."""
+    config = Path(ref) / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        return int(data["hidden_size"]), int(data["num_hidden_layers"])
+    return None
+
+
+def convert_salmonn(
+    ckpt: Path, whisper: str, beats: str, llm: str, out: Path, num_heads: int | None = None
+) -> Path:
+    """Write an omnivox model folder for an official SALMONN checkpoint.
 
     Args:
-        path: where to write the ``.pth``.
-        whisper_dim / beats_dim: encoder widths (1280 / 768 for the real one).
-        hidden / heads / layers: Q-Former geometry; ``intermediate_size`` defaults to ``4 * hidden``.
-        llm_hidden / llm_layers / llm_heads: LLM geometry (LoRA shapes, inv_freq length).
-        lora_r: LoRA rank. LoRA B is random (not zero), so loaded LoRA changes the LLM's output.
-        seed: all tensors come from ``torch.Generator().manual_seed(seed)``.
-
-    Returns:
-        The ``QFormerConfig`` the adapter tensors follow.
+        ckpt: ``salmonn_v1.pth`` / ``salmonn_7b_v0.pth`` (loaded with ``weights_only=True``).
+        whisper: Whisper large-v2 as HF folder / hub id, openai-whisper ``.pt`` or name.
+        beats: the BEATs checkpoint file SALMONN was trained with.
+        llm: Vicuna as HF folder or hub id (its tokenizer gets SALMONN's ``[PAD]``).
+        out: the folder to write.
+        num_heads: Q-Former heads (default: hidden / 64, i.e. 12 for SALMONN).
     """
-    gen = torch.Generator().manual_seed(seed)
-    config = QFormerConfig(encoder_dims=(whisper_dim, beats_dim), hidden_size=hidden, num_layers=layers,
-                           num_heads=heads, intermediate_size=intermediate_size or 4 * hidden,
-                           queries_per_window=queries_per_window, llm_hidden_size=llm_hidden)
-    adapter = AudioAdapter(config)
-    norm_weights = {f"{n}.weight" for n, m in adapter.named_modules() if isinstance(m, torch.nn.LayerNorm)}
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            p.copy_((1.0 if name in norm_weights else 0.0) + 0.1 * torch.randn(p.shape, generator=gen))
-    lora = {}
-    for n in range(llm_layers):
-        for proj in ("q_proj", "v_proj"):
-            prefix = f"base_model.model.model.layers.{n}.self_attn.{proj}"
-            lora[f"{prefix}.lora_A.weight"] = 0.1 * torch.randn(lora_r, llm_hidden, generator=gen)
-            lora[f"{prefix}.lora_B.weight"] = 0.1 * torch.randn(llm_hidden, lora_r, generator=gen)
-    model = export_salmonn_state(adapter, lora)
-    trained = list(model)  # the optimizer saw these, in this order
-    if extras:
-        model[f"{QFORMER_PREFIX}embeddings.position_ids"] = torch.arange(512).expand(1, -1).clone()
-        head_dim = llm_hidden // llm_heads
-        inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        for n in range(llm_layers):
-            model[f"llama_model.base_model.model.model.layers.{n}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
-        for n in range(1, 3):  # real BEATs: layers 1..11, [320 buckets, 12 heads]
-            model[f"beats.encoder.layers.{n}.self_attn.relative_attention_bias.weight"] = torch.randn(
-                320, 12, generator=gen)
+    weights = load_salmonn_checkpoint(ckpt, num_heads=num_heads)
+    logger.warning("%s", weights.report.summary())
+    qformer = weights.qformer_config
+    whisper_ref, llm_ref = _local_or_ref(whisper), _local_or_ref(llm)
+    beats_path = Path(beats).expanduser()
+    if not beats_path.is_file():
+        raise CheckpointError(f"BEATs checkpoint not found: {beats} (SALMONN uses BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt)")
+    widths = {"Whisper": (_whisper_width(whisper_ref), qformer.encoder_dims[0]), "BEATs": (_beats_width(beats_path), qformer.encoder_dims[1])}
+    for name, (found, expected) in widths.items():
+        if found is not None and found != expected:
+            raise CheckpointError(f"{name} features are {found} wide, but the checkpoint's LayerNorm expects {expected}")
+    shape = _llm_shape(llm_ref)
+    if shape is not None:
+        hidden, layers = shape
+        if hidden != qformer.llm_hidden_size:
+            raise CheckpointError(f"the LLM's hidden size is {hidden}, the checkpoint projects to {qformer.llm_hidden_size}")
+        if layers != weights.num_llm_layers:
+            raise CheckpointError(f"the LLM has {layers} layers, the checkpoint has LoRA for {weights.num_llm_layers}")
 
-    params = [torch.nn.Parameter(model[k].clone()) for k in trained]
-    optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=0.05)
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
-    optimizer.step()
-    run_config = {
-        "model": {"llama_path": "vicuna", "whisper_path": "whisper", "beats_path": "beats",
-                  "num_speech_query_token": queries_per_window, "second_per_window": 0.333333,
-                  "second_stride": 0.333333, "lora": True, "lora_rank": lora_r, "lora_alpha": 32,
-                  "lora_dropout": 0.1, "prompt_template": "USER: {}\nASSISTANT:", "end_sym": "</s>"},
-        "run": {"seed": 42, "output_dir": "out"},
-    }
-    ckpt = {"model": model, "optimizer": optimizer.state_dict(), "config": json.loads(json.dumps(run_config)),
-            "scaler": None, "epoch": 0}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return config
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_ref)
+    except OSError as err:
+        raise CheckpointError(f"cannot load the tokenizer of {llm_ref!r}: {str(err).splitlines()[0]}") from None
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})  # as SALMONN does; padding never reaches the LLM here
+
+    config = OmnivoxConfig(
+        llm=llm_ref,
+        encoders=(
+            EncoderRef("whisper", whisper_ref),
+            EncoderRef("beats", str(beats_path.resolve()), sha256=sha256_file(beats_path)),
+        ),
+        qformer=qformer,
+        lora=LoraSettings(
+            r=weights.lora_rank, alpha=float(weights.lora_alpha), dropout=weights.lora_dropout,
+            target_modules=tuple(weights.lora_targets),
+        ),
+        prompt_style="salmonn",
+        audio=AudioSettings(),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.json")
+    save_file({k: v.contiguous() for k, v in weights.adapter_state.items()}, out / "adapter.safetensors",
+              metadata={"format": "pt", "omnivox": "adapter", "source": ckpt.name})
+    weights.write_peft_adapter(out / "lora", base_model_name_or_path=llm_ref)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return out

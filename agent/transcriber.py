@@ -3,7 +3,7 @@
 A small audio LLM trained on synthetic voices reads real speech poorly, while the Whisper
 checkpoint whose encoder it already uses carries a decoder trained on 680k hours of real
 speech. :class:`WhisperTranscriber` gives that decoder two jobs for transcription requests
-(see ``OmnivoxModel`` and ``TranscriberSettings``):
+(composed around the model by ``agent/transcription.py``; settings in ``TranscriberSettings``):
 
 * **propose**: beam search over one 30 s window returns the N best transcripts with their
   log-probabilities (openai-whisper's ``decode`` keeps only the best one, so the search is
@@ -51,12 +51,15 @@ class WhisperTranscriber:
             limit, half the decoder's positions: 224).
     """
 
-    def __init__(self, model, beam_size: int = 5, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, model, beam_size: int = 5, max_tokens: int | None = None, source: Path | None = None
+    ) -> None:
         from whisper.tokenizer import get_tokenizer
 
         if beam_size < 1:
             raise UserInputError(f"beam_size must be >= 1, got {beam_size}")
         self.model = model.eval().requires_grad_(False)
+        self.source = source  # the checkpoint file the weights came from (None: an official name)
         self.beam_size = int(beam_size)
         multilingual = model.dims.n_vocab >= 51865
         self.tokenizer = get_tokenizer(
@@ -116,7 +119,7 @@ class WhisperTranscriber:
             )
         if next(model.parameters()).device.type == "cpu":
             model = model.float()  # the converted tiny.en is stored in float16
-        return cls(model, beam_size=beam_size, max_tokens=max_tokens)
+        return cls(model, beam_size=beam_size, max_tokens=max_tokens, source=file if file.is_file() else None)
 
     # ----------------------------------------------------------------------------- audio
     @torch.no_grad()
