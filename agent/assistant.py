@@ -27,10 +27,13 @@ class Assistant:
 
     Args:
         model: the model.
-        transcriber: the folder's Whisper transcriber (needs ``model.config.transcriber``), or None.
+        transcriber: the folder's Whisper transcriber (needs ``model.config.transcriber``), a
+            function that loads it on first use, or None.
     """
 
-    def __init__(self, model: OmnivoxModel, transcriber: WhisperTranscriber | None = None) -> None:
+    def __init__(
+        self, model: OmnivoxModel, transcriber: WhisperTranscriber | Callable[[], WhisperTranscriber] | None = None
+    ) -> None:
         if transcriber is not None and model.config.transcriber is None:
             raise ValueError("config.transcriber is None: it holds the weights that combine the transcriber's scores")
         self.model = model
@@ -38,7 +41,13 @@ class Assistant:
 
     @property
     def transcriber(self) -> WhisperTranscriber | None:
+        """The Whisper transcriber (loaded now if it was not yet), or None."""
         return self.transcription.transcriber
+
+    @property
+    def has_transcriber(self) -> bool:
+        """A Whisper transcriber is configured (it loads on the first transcription request)."""
+        return self.transcription.has_transcriber
 
     @classmethod
     def from_pretrained(
@@ -52,7 +61,8 @@ class Assistant:
         merge_lora: bool = True,
         transcriber: bool = True,
     ) -> Assistant:
-        """Load a model folder with its steps (``transcriber=False``: without the Whisper transcriber)."""
+        """Load a model folder with its steps (``transcriber=False``: without the Whisper transcriber;
+        with it, the transcriber's weights load on the first transcription request)."""
         parts = load_parts(
             folder,
             device=device,

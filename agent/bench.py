@@ -135,7 +135,7 @@ def run_benchmark(
     uncached = statistics.median(_decode_rate(model, tokens, decode_tokens, False) for _ in range(repeats))
     results["decode_tokens_per_s"] = {"omnivox": cached, "baseline": uncached, "baseline_name": "no KV cache"}
 
-    if assistant.transcriber is not None:
+    if assistant.has_transcriber:
         clip = _test_audio(10.0, seed=3)
         on = assistant.settings(num_beams=1, do_sample=False, max_new_tokens=64)
         off = replace(on, use_transcriber=False)

@@ -266,10 +266,15 @@ def quiet_library_noise() -> None:
     What native decoders print while audio is read is kept off the terminal by
     :func:`omnivox.agent.audio.load_audio` itself.
     """
-    import transformers.utils.logging as transformers_logging
+    # through the environment, so that transformers need not be imported here (~0.5 s at every start);
+    # a user's own setting of these variables wins
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (an in-process caller): switch it now
+        import transformers.utils.logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -296,5 +301,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+# Commands whose process has nothing left to do once they return: the console script ends them
+# with os._exit after flushing, skipping the interpreter's teardown of torch and transformers
+# (~0.7 s of a 5 s `omnivox chat` on 2 cores). Commands that run worker pools or write files
+# in the background (train, data synth, eval) end normally.
+FAST_EXIT_COMMANDS = frozenset({"chat"})
+
+
+def run() -> None:
+    """The ``omnivox`` console script: :func:`main`, then exit (at once for ``FAST_EXIT_COMMANDS``)."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if next((a for a in argv if not a.startswith("-")), None) in FAST_EXIT_COMMANDS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -241,13 +241,36 @@ def load_tokenizer(ref: str, gguf_file: str | None = None):
 
 
 
-def load_transcriber(settings: TranscriberSettings, folder: Path, device: str | torch.device) -> WhisperTranscriber:
-    """The Whisper transcriber a folder's config names (see ``TranscriberSettings``)."""
+def transcriber_loader(
+    settings: TranscriberSettings, folder: Path, device: str | torch.device, encoders: list[tuple[EncoderRef, str, AudioEncoder]]
+) -> Callable[[], WhisperTranscriber]:
+    """A function that loads the Whisper transcriber a folder's config names (``TranscriberSettings``).
+
+    The reference is checked now (a missing file fails at load, not at the first transcript);
+    the weights are read when the function is called, i.e. on the first transcription request
+    (a start that answers a question never pays for them: ~0.3 s and ~170 MB for tiny.en).
+    When the transcriber's file is also a Whisper encoder of the model (``encoders``: each
+    encoder's reference, resolved path and module) in the same dtype, the transcriber's encoder
+    becomes that encoder's module: one set of weights, not two.
+    """
     from omnivox.agent.transcriber import WhisperTranscriber
 
-    return WhisperTranscriber.from_checkpoint(
-        resolve_ref(settings.path, folder), device=device, beam_size=settings.beam_size
-    )
+    path = resolve_ref(settings.path, folder)
+    WhisperTranscriber.check_source(path)
+
+    def load() -> WhisperTranscriber:
+        transcriber = WhisperTranscriber.from_checkpoint(path, device=device, beam_size=settings.beam_size)
+        for ref, encoder_path, encoder in encoders:
+            shared = getattr(encoder, "backbone", None)
+            if ref.kind != "whisper" or transcriber.source is None or getattr(encoder, "kind", None) != "openai":
+                continue
+            same_file = Path(encoder_path).is_file() and Path(encoder_path).resolve() == transcriber.source.resolve()
+            if same_file and next(shared.parameters()).dtype == next(transcriber.model.parameters()).dtype:
+                transcriber.model.encoder = shared  # the freshly read copy of the encoder goes
+                break
+        return transcriber
+
+    return load
 
 
 @dataclass
@@ -262,7 +285,8 @@ class ModelParts:
         tokenizer: the tokenizer.
         folded_lora: the LoRA folded into ``llm`` at load, or None.
         ctc_head: the folder's CTC head, or None.
-        transcriber: the folder's Whisper transcriber when asked for and configured, else None.
+        transcriber: loads the folder's Whisper transcriber (see :func:`transcriber_loader`) when
+            asked for and configured, else None.
     """
 
     config: OmnivoxConfig
@@ -272,7 +296,7 @@ class ModelParts:
     tokenizer: Any
     folded_lora: FoldedLora | None
     ctc_head: CTCHead | None
-    transcriber: WhisperTranscriber | None = None
+    transcriber: Callable[[], WhisperTranscriber] | None = None
 
 
 def load_parts(
@@ -285,20 +309,13 @@ def load_parts(
     merge_lora: bool = True,
     transcriber: bool = False,
 ) -> ModelParts:
-    """Load every part of a model folder; with ``transcriber``, its Whisper transcriber too.
-
-    When the transcriber and a Whisper encoder are the same openai-whisper file in the same
-    dtype, the file is read once and the encoder's weights are the transcriber's (the bundled
-    model's tiny.en is loaded once, not twice).
-    """
+    """Load every part of a model folder; with ``transcriber``, a loader of its Whisper transcriber too."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a model folder (no such directory)")
     config = OmnivoxConfig.load(folder / "config.json")
-    whisper_model = None
-    if transcriber and config.transcriber is not None:
-        whisper_model = load_transcriber(config.transcriber, folder, device)
-    encoders = [_load_encoder(ref, folder, device, dtype, whisper_model) for ref in config.encoders]
+    paths = [resolve_ref(ref.path, folder) for ref in config.encoders]
+    encoders = [ENCODER_LOADERS[ref.kind](ref, path, device, dtype) for ref, path in zip(config.encoders, paths, strict=True)]
     adapter = AudioAdapter(config.qformer)
     adapter_file = folder / "adapter.safetensors"
     if not adapter_file.is_file():
@@ -317,22 +334,12 @@ def load_parts(
     if config.lora is not None and folded is None:  # None: not merging, or a LoRA feature only peft merges
         llm = attach_lora(llm, config, lora_dir)
     ctc_head = load_ctc_head(folder / CTC_HEAD_FILE, llm.get_input_embeddings(), device)
-    return ModelParts(config, encoders, adapter, llm, tokenizer, folded, ctc_head, whisper_model)
+    loader = None
+    if transcriber and config.transcriber is not None:
+        loader = transcriber_loader(config.transcriber, folder, device, list(zip(config.encoders, paths, encoders, strict=True)))
+    return ModelParts(config, encoders, adapter, llm, tokenizer, folded, ctc_head, loader)
 
 
-def _load_encoder(
-    ref: EncoderRef, folder: Path, device: str, dtype: torch.dtype, transcriber: WhisperTranscriber | None
-) -> AudioEncoder:
-    """The encoder ``ref`` names; a Whisper encoder shares the transcriber's weights when they are
-    the same file in the same dtype."""
-    path = resolve_ref(ref.path, folder)
-    if ref.kind == "whisper" and transcriber is not None and transcriber.source is not None:
-        same_file = Path(path).is_file() and Path(path).resolve() == transcriber.source.resolve()
-        if same_file and next(transcriber.model.parameters()).dtype == dtype:
-            from omnivox.encoders.whisper import WhisperEncoder
-
-            return WhisperEncoder.from_openai_model(transcriber.model, **ref.options)
-    return ENCODER_LOADERS[ref.kind](ref, path, device, dtype)
 
 
 def load_ctc_head(path: Path, embedding: nn.Module, device: str | torch.device) -> CTCHead | None:

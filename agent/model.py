@@ -440,13 +440,17 @@ class OmnivoxModel(nn.Module):
         ids = [self.tokenizer(a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
         seqs = [torch.cat([context, embed(torch.tensor(i + [stop], device=context.device))]) for i in ids]
         batch = self.processor.left_pad(seqs)
-        logits = self.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits  # [B, L, V]
-        width = batch.inputs_embeds.shape[1]
+        # only the last positions predict answer tokens: the vocabulary projection of the others
+        # (most of the context) would cost time and a [B, L, V] tensor for nothing
+        keep = max(len(i) for i in ids) + 2
+        logits = self.llm(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=keep
+        ).logits  # [B, keep, V]
         scores = []
         for row, answer in enumerate(ids):
             target = torch.tensor(answer + [stop], device=logits.device)
             # the answer's n tokens sit at the row's last n positions; each is predicted one position earlier
-            preds = logits[row, width - len(target) - 1 : width - 1].float().log_softmax(-1)  # [n, V]
+            preds = logits[row, keep - len(target) - 1 : keep - 1].float().log_softmax(-1)  # [n, V]
             scores.append(float(preds.gather(1, target[:, None]).sum()))
         return scores, ids
 

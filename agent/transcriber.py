@@ -84,6 +84,19 @@ class WhisperTranscriber:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @staticmethod
+    def check_source(path: str | Path) -> None:
+        """Raise CheckpointError unless ``path`` is an existing file or an official openai-whisper name
+        (what :meth:`from_checkpoint` accepts), without reading any weights."""
+        import whisper
+
+        name = str(path)
+        if not Path(name).expanduser().is_file() and name not in whisper.available_models():
+            raise CheckpointError(
+                f"Whisper transcriber {name!r} not found: pass an openai-whisper .pt file (with 'dims'), "
+                f"a ct2-whisper: folder, or one of {whisper.available_models()}"
+            )
+
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "cpu", beam_size: int = 5, max_tokens: int | None = None
@@ -94,6 +107,7 @@ class WhisperTranscriber:
 
         from omnivox.encoders.whisper import read_openai_checkpoint
 
+        cls.check_source(path)
         name = str(path)
         file = Path(name).expanduser()
         if file.is_file():
@@ -104,7 +118,7 @@ class WhisperTranscriber:
             except (TypeError, RuntimeError) as err:
                 raise CheckpointError(f"{file}: weights do not match its dims {checkpoint['dims']}: {err}") from err
             model = model.to(device)
-        elif name in whisper.available_models():
+        else:  # an official name (check_source)
             try:
                 model = whisper.load_model(name, device=str(device))
             except (urllib.error.URLError, OSError, RuntimeError) as err:
@@ -112,11 +126,6 @@ class WhisperTranscriber:
                     f"could not load the openai-whisper weights {name!r} ({type(err).__name__}: {err}); "
                     "offline, pass the path of the .pt file instead of the name"
                 ) from err
-        else:
-            raise CheckpointError(
-                f"Whisper transcriber {name!r} not found: pass an openai-whisper .pt file (with 'dims'), "
-                f"a ct2-whisper: folder, or one of {whisper.available_models()}"
-            )
         if next(model.parameters()).device.type == "cpu":
             model = model.float()  # the converted tiny.en is stored in float16
         return cls(model, beam_size=beam_size, max_tokens=max_tokens, source=file if file.is_file() else None)

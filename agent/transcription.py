@@ -100,7 +100,8 @@ class TranscriptionStep:
 
     Args:
         model: the model.
-        transcriber: the folder's Whisper transcriber, or None.
+        transcriber: the folder's Whisper transcriber, a function that loads it (called on the
+            first request it answers), or None.
         weights: how the transcriber's candidates are scored (the folder's ``config.transcriber``);
             required with a transcriber.
     """
@@ -108,14 +109,27 @@ class TranscriptionStep:
     def __init__(
         self,
         model: OmnivoxModel,
-        transcriber: WhisperTranscriber | None = None,
+        transcriber: WhisperTranscriber | Callable[[], WhisperTranscriber] | None = None,
         weights: TranscriberSettings | None = None,
     ) -> None:
         if transcriber is not None and weights is None:
             raise ValueError("a transcriber needs its TranscriberSettings (the weights that combine its scores)")
         self.model = model
-        self.transcriber = transcriber
         self.weights = weights
+        self._transcriber = transcriber if isinstance(transcriber, WhisperTranscriber) else None
+        self._load = None if isinstance(transcriber, WhisperTranscriber) else transcriber
+
+    @property
+    def has_transcriber(self) -> bool:
+        """A transcriber is configured (loaded or not yet)."""
+        return self._transcriber is not None or self._load is not None
+
+    @property
+    def transcriber(self) -> WhisperTranscriber | None:
+        """The Whisper transcriber, loaded on first use; None without one."""
+        if self._transcriber is None and self._load is not None:
+            self._transcriber, self._load = self._load(), None
+        return self._transcriber
 
     def generate(
         self,
@@ -164,7 +178,7 @@ class TranscriptionStep:
 
     def _transcriber_answers(self, clips: Sequence[Clip], settings: GenerationSettings) -> bool:
         """The transcriber chooses this request's answer (it needs the clip's samples)."""
-        if self.transcriber is None or not settings.use_transcriber:
+        if not self.has_transcriber or not settings.use_transcriber:
             return False
         if not isinstance(clips[0], EncodedClip) or clips[0].samples is None:
             log.debug("a transcript request without the clip's samples: the LLM answers it")

@@ -392,7 +392,7 @@ def run_selection(
     per_group, overall = aggregate(records)
     conf = confusion(records)
     used = asdict(settings)
-    transcriber = model.model.config.transcriber if model.transcriber is not None and settings.use_transcriber else None
+    transcriber = model.model.config.transcriber if model.has_transcriber and settings.use_transcriber else None
     used["transcriber"] = None if transcriber is None else asdict(transcriber)
     return EvalResults(
         suite=selection.suite,

@@ -57,8 +57,12 @@ def test_interactive_chat_encodes_audio_once_and_keeps_turns(tiny_model_dir, tmp
     assert capsys.readouterr().out.count("omnivox> ") == 2
 
 
+# the quietening that in-process cli.main calls of this session put into os.environ: a fresh shell has none
+QUIET_VARIABLES = ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
 def _run_cli(*args, **env):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
+    env = {**{k: v for k, v in os.environ.items() if k not in QUIET_VARIABLES}, "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run([sys.executable, "-m", "omnivox.agent.cli", *args], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -142,6 +142,11 @@ def test_the_transcriber_shares_the_encoders_whisper_weights(folder, tmp_path):
     config["encoders"][0]["path"] = whisper_file  # the encoder and the transcriber: one checkpoint
     (copy / "config.json").write_text(json.dumps(config))
     assistant = Assistant.from_pretrained(copy)
+    assert assistant.has_transcriber and assistant.transcription._transcriber is None  # loads on first use
+    assistant.chat("Describe the sound.", [tiny.tone_clip(1.0)], SETTINGS)
+    assert assistant.transcription._transcriber is None  # a question does not load it
+    assistant.chat(ASK, [tiny.tone_clip(1.0)], SETTINGS)
+    assert assistant.transcription._transcriber is not None
     assert assistant.model.encoders[0].backbone is assistant.transcriber.model.encoder  # one set of weights
     alone = OmnivoxModel.from_pretrained(copy)  # the encoder loaded on its own
     assert alone.encoders[0].backbone is not assistant.transcriber.model.encoder

@@ -61,7 +61,7 @@ class ScriptedModel:
     def __init__(self) -> None:
         self.batches: list[list[list[Message]]] = []
         self.model = SimpleNamespace(config=SimpleNamespace(transcriber=None))
-        self.transcriber = None
+        self.has_transcriber = False
 
     def settings(self, **overrides) -> GenerationSettings:
         return GenerationSettings().override(**overrides)
