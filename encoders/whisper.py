@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +58,38 @@ def read_openai_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
+def _hz_to_slaney_mel(hz: np.ndarray) -> np.ndarray:
+    mel = 3.0 * hz / 200.0  # linear below 1 kHz
+    high = hz >= 1000.0
+    mel[high] = 15.0 + np.log(hz[high] / 1000.0) * (27.0 / np.log(6.4))  # logarithmic above
+    return mel
+
+
+def _slaney_mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    hz = 200.0 * mel / 3.0
+    high = mel >= 15.0
+    hz[high] = 1000.0 * np.exp(np.log(6.4) / 27.0 * (mel[high] - 15.0))
+    return hz
+
+
+def slaney_mel_filters(n_freq: int, n_mels: int, sample_rate: int, max_hz: float = 8000.0) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised triangular mel filters from 0 Hz to ``max_hz``: [n_freq, n_mels] float64.
+
+    The same numbers as transformers' ``audio_utils.mel_filter_bank(..., norm="slaney",
+    mel_scale="slaney")`` (what ``WhisperFeatureExtractor`` uses; equal in a test), written out
+    here because importing transformers for it costs ~0.5 s of every start of a model whose
+    LLM does not need transformers; librosa, the usual source, is not a dependency.
+    """
+    edges = _slaney_mel_to_hz(np.linspace(0.0, _hz_to_slaney_mel(np.array([max_hz]))[0], n_mels + 2))  # [n_mels + 2]
+    bins = np.linspace(0, sample_rate // 2, n_freq)  # [n_freq]
+    widths = np.diff(edges)  # [n_mels + 1]
+    slopes = edges[None, :] - bins[:, None]  # [n_freq, n_mels + 2]
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    filters = np.maximum(np.zeros(1), np.minimum(rising, falling))  # [n_freq, n_mels]
+    return filters * (2.0 / (edges[2 : n_mels + 2] - edges[:n_mels]))[None, :]  # equal energy per filter
+
+
 class WhisperLogMel(nn.Module):
     """Whisper's log-mel spectrogram, per item, batched.
 
@@ -72,18 +105,7 @@ class WhisperLogMel(nn.Module):
 
     def __init__(self, n_mels: int) -> None:
         super().__init__()
-        # Imported here: transformers is heavy and only needed for the filter bank.
-        from transformers.audio_utils import mel_filter_bank
-
-        filters = mel_filter_bank(
-            num_frequency_bins=1 + N_FFT // 2,
-            num_mel_filters=n_mels,
-            min_frequency=0.0,
-            max_frequency=8000.0,
-            sampling_rate=SAMPLE_RATE,
-            norm="slaney",
-            mel_scale="slaney",
-        )  # [n_freq, n_mels]
+        filters = slaney_mel_filters(1 + N_FFT // 2, n_mels, SAMPLE_RATE)  # [n_freq, n_mels]
         self.n_mels = n_mels
         self.register_buffer("filters", torch.from_numpy(filters).float().T.contiguous(), persistent=False)
         self.register_buffer("window", torch.hann_window(N_FFT), persistent=False)

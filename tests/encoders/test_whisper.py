@@ -305,3 +305,17 @@ def test_unpadded_mode_encodes_only_the_audio(tiny_checkpoints: dict[str, Path])
     # an item padded inside a batch equals the same item encoded alone with the batch's frame count
     alone = openai(wave[1:], torch.tensor([9600]))
     torch.testing.assert_close(out.features[1:], alone.features, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_mels", [80, 128])
+def test_slaney_filters_are_transformers_filters(n_mels):
+    from transformers.audio_utils import mel_filter_bank
+
+    from omnivox.encoders.whisper import slaney_mel_filters
+
+    reference = mel_filter_bank(
+        num_frequency_bins=201, num_mel_filters=n_mels, min_frequency=0.0, max_frequency=8000.0,
+        sampling_rate=16000, norm="slaney", mel_scale="slaney",
+    )  # fmt: skip
+    ours = slaney_mel_filters(201, n_mels, 16000)
+    assert np.array_equal(ours, reference)  # the same float64 operations in the same order
