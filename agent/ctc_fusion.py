@@ -25,13 +25,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
 from omnivox.adapters.ctc import CTCPrefixScorer, PrefixState
 
 
-class CTCFusion(LogitsProcessor):
-    """A transformers logits processor fusing CTC prefix scores into the rows that transcribe a clip.
+class CTCFusion:
+    """A logits processor fusing CTC prefix scores into the rows that transcribe a clip.
+
+    A plain callable ``(input_ids [rows, t], scores [rows, V]) -> scores``, as transformers'
+    ``LogitsProcessor`` interface asks (subclassing it would import transformers on every
+    start).
 
     Args:
         scorers: per batch item, the CTC scorer of its clip, or None to leave the item's rows alone.
