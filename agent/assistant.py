@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from omnivox.agent.generation import Generation, GenerationSettings
-from omnivox.agent.loading import Quantization, load_parts
+from omnivox.agent.loading import load_parts
 from omnivox.agent.model import Clip, EncodedClip, OmnivoxModel
 from omnivox.agent.transcriber import WhisperTranscriber
 from omnivox.agent.transcription import TranscriptionStep
@@ -50,30 +50,18 @@ class Assistant:
         return self.transcription.has_transcriber
 
     @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | Path,
-        *,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        quantization: Quantization = None,
-        lora_scale: float = 1.0,
-        merge_lora: bool = True,
-        transcriber: bool = True,
-    ) -> Assistant:
-        """Load a model folder with its steps (``transcriber=False``: without the Whisper transcriber;
-        with it, the transcriber's weights load on the first transcription request)."""
-        parts = load_parts(
-            folder,
-            device=device,
-            dtype=dtype,
-            quantization=quantization,
-            lora_scale=lora_scale,
-            merge_lora=merge_lora,
-            transcriber=transcriber,
-        )
-        model = OmnivoxModel.from_parts(parts, lora_scale=lora_scale, merge_lora=merge_lora and quantization is None)
-        return cls(model, parts.transcriber)
+    def from_pretrained(cls, folder: str | Path, *, transcriber: bool = True, **options) -> Assistant:
+        """Load a model folder with its steps.
+
+        Args:
+            folder: the model folder.
+            transcriber: False: without the Whisper transcriber; True: its weights load on the
+                first transcription request.
+            options: as :meth:`OmnivoxModel.from_pretrained` (device, dtype, quantization,
+                lora_scale, merge_lora).
+        """
+        parts = load_parts(folder, transcriber=transcriber, **options)
+        return cls(OmnivoxModel.from_parts(parts), parts.transcriber)
 
     def settings(self, **overrides) -> GenerationSettings:
         """The folder's default decoding with ``overrides``."""

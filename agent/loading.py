@@ -287,6 +287,8 @@ class ModelParts:
         ctc_head: the folder's CTC head, or None.
         transcriber: loads the folder's Whisper transcriber (see :func:`transcriber_loader`) when
             asked for and configured, else None.
+        lora_scale, merge_lora: how the LoRA is to be applied when it is not folded at load yet
+            (``merge_lora`` is False for a quantized LLM).
     """
 
     config: OmnivoxConfig
@@ -297,6 +299,8 @@ class ModelParts:
     folded_lora: FoldedLora | None
     ctc_head: CTCHead | None
     transcriber: Callable[[], WhisperTranscriber] | None = None
+    lora_scale: float = 1.0
+    merge_lora: bool = True
 
 
 def load_parts(
@@ -337,7 +341,8 @@ def load_parts(
     loader = None
     if transcriber and config.transcriber is not None:
         loader = transcriber_loader(config.transcriber, folder, device, list(zip(config.encoders, paths, encoders, strict=True)))
-    return ModelParts(config, encoders, adapter, llm, tokenizer, folded, ctc_head, loader)
+    merge = merge_lora and quantization is None
+    return ModelParts(config, encoders, adapter, llm, tokenizer, folded, ctc_head, loader, lora_scale, merge)
 
 
 

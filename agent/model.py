@@ -35,7 +35,7 @@ from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import OmnivoxConfig
 from omnivox.agent.generation import CallbackStreamer, Generation, GenerationSettings
-from omnivox.agent.loading import Quantization, load_parts
+from omnivox.agent.loading import ModelParts, Quantization, load_parts
 from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
 from omnivox.errors import UserInputError
@@ -549,22 +549,22 @@ class OmnivoxModel(nn.Module):
         the same answers up to float rounding); it is skipped for quantized LLMs. A plain
         LoRA is folded without importing peft (:mod:`omnivox.adapters.lora`: a faster start);
         anything else goes through peft's merge. The folder's Whisper transcriber, if any, is
-        not part of the model: ``agent.transcription.load_assistant`` loads both.
+        not part of the model: ``omnivox.agent.assistant.Assistant.from_pretrained`` loads both.
         """
         parts = load_parts(
             folder, device=device, dtype=dtype, quantization=quantization, lora_scale=lora_scale, merge_lora=merge_lora
         )
-        return cls.from_parts(parts, lora_scale=lora_scale, merge_lora=merge_lora and quantization is None)
+        return cls.from_parts(parts)
 
     @classmethod
-    def from_parts(cls, parts, *, lora_scale: float = 1.0, merge_lora: bool = True) -> OmnivoxModel:
+    def from_parts(cls, parts: ModelParts) -> OmnivoxModel:
         """The model from what :func:`omnivox.agent.loading.load_parts` loaded."""
         model = cls(parts.config, parts.encoders, parts.adapter, parts.llm, parts.tokenizer, folded_lora=parts.folded_lora)
         model.set_ctc_head(parts.ctc_head)
         if parts.folded_lora is not None:  # already folded at lora_scale
             return model.eval()
-        if parts.config.lora is not None and lora_scale != 1.0:
-            model.set_lora_scale(lora_scale)
-        if parts.config.lora is not None and merge_lora:
+        if parts.config.lora is not None and parts.lora_scale != 1.0:
+            model.set_lora_scale(parts.lora_scale)
+        if parts.config.lora is not None and parts.merge_lora:
             model.merge_lora()
         return model.eval()
