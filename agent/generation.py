@@ -124,7 +124,7 @@ class CallbackStreamer:
     """
 
     def __init__(self, tokenizer, callback: Callable[[str], None], stop_ids: Sequence[int]) -> None:
-        from transformers import TextStreamer
+        from omnivox.agent.streaming import TextStreamer
 
         outer = self
 

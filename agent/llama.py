@@ -212,15 +212,19 @@ class GenerationDefaults:
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
+    def from_config(cls, config: LlamaConfig) -> GenerationDefaults:
+        """transformers' ``GenerationConfig.from_model_config``: ``config.json``'s ids, the global defaults."""
+        return cls(eos_token_id=_id_list(config.eos_token_id), pad_token_id=config.pad_token_id)
+
+    @classmethod
     def from_files(cls, folder: Path, config: LlamaConfig) -> GenerationDefaults:
+        """The defaults of ``folder/generation_config.json``, or :meth:`from_config` without that file."""
         path = folder / GENERATION_CONFIG_FILE
-        data = _read_json(path) if path.is_file() else {}
+        if not path.is_file():
+            return cls.from_config(config)
+        data = _read_json(path)
         if not isinstance(data, dict):
             raise CheckpointError(f"{path}: expected a JSON object")
-        ids = data if path.is_file() else config.raw  # transformers: from_model_config when the file is absent
-        eos = ids.get("eos_token_id")
-        eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        pad = ids.get("pad_token_id")
         unimplemented = tuple(
             sorted(k for k, default in _UNIMPLEMENTED_DEFAULTS.items() if k in data and data[k] != default)
         )
@@ -230,8 +234,8 @@ class GenerationDefaults:
             return default if value is None else value
 
         return cls(
-            eos_token_id=[int(e) for e in eos_list],
-            pad_token_id=None if pad is None else int(pad),
+            eos_token_id=_id_list(data.get("eos_token_id")),
+            pad_token_id=data.get("pad_token_id"),
             do_sample=bool(get("do_sample", False)),
             temperature=float(get("temperature", 1.0)),
             top_k=int(get("top_k", 50)),
@@ -243,6 +247,13 @@ class GenerationDefaults:
             unimplemented=unimplemented,
             raw=data,
         )
+
+
+def _id_list(ids: int | Sequence[int] | None) -> list[int]:
+    """A stop id, a list of them or None, as a list."""
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
 
 # ----------------------------------------------------------------------------------- modules
@@ -416,7 +427,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        if not weight.is_meta:  # nn.Embedding's own init; on the meta device it would import torch._dynamo
+            nn.init.normal_(weight)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
         self.layers = nn.ModuleList([LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
@@ -505,11 +519,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig, generation: GenerationDefaults | None = None) -> None:
         super().__init__()
         self.config = config
-        self.generation_config = generation or GenerationDefaults(
-            eos_token_id=[] if config.eos_token_id is None else [config.eos_token_id]
-            if isinstance(config.eos_token_id, int) else list(config.eos_token_id),
-            pad_token_id=config.pad_token_id,
-        )  # fmt: skip
+        self.generation_config = generation or GenerationDefaults.from_config(config)
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -758,10 +768,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"sampling needs temperature > 0, got {temperature}")
         if not penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-        if eos_token_id is None:
-            stop = list(defaults.eos_token_id)
-        else:
-            stop = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+        stop = list(defaults.eos_token_id) if eos_token_id is None else _id_list(eos_token_id)
         pad = defaults.pad_token_id if pad_token_id is None else int(pad_token_id)
         if pad is None and stop:
             pad = stop[0]  # as transformers (with a warning there)
@@ -816,13 +823,17 @@ class LlamaForCausalLM(nn.Module):
                 streamer.put(tokens.cpu())
             if new_ids.shape[1] >= max_new_tokens or int(unfinished.max()) == 0:
                 break
-            positions = positions[:, -1:] + 1  # [B or 1, 1]
+            positions = positions[:, -1:] + 1  # [B, 1]
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
             out = self(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache, logits_to_keep=1)
         if streamer is not None:
             streamer.end()
         return new_ids
+
+    def _apply(self, fn, recurse=True):
+        self._transformers.clear()  # .to() / .half() make new tensors: the twin would keep the old ones
+        return super()._apply(fn, recurse)
 
     def transformers_model(self) -> nn.Module:
         """transformers' ``LlamaForCausalLM`` on this model's tensors (built once; the weights are shared,

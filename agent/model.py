@@ -378,9 +378,7 @@ class OmnivoxModel(nn.Module):
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
         if logits_processors:
-            from transformers import LogitsProcessorList
-
-            kwargs["logits_processor"] = LogitsProcessorList(list(logits_processors))
+            kwargs["logits_processor"] = list(logits_processors)
         out = self.llm.generate(**kwargs)  # [B, new]
         if streamer is not None:
             streamer.end()

@@ -225,7 +225,7 @@ def make_model_folder(
         for p in adapter.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
-    llm = load_llm(str(parts / "llm"))
+    llm = load_llm(str(parts / "llm"), runtime=False)  # peft wraps it below
     if lora:
         llm = attach_lora(llm, config, None)
         with torch.no_grad():  # peft initialises B to zero; make the LoRA matter

@@ -166,7 +166,7 @@ def build_model(
         base = load_folder_config(folder)
         llm_ref, gguf = resolve_ref(base.llm, folder), base.llm_gguf_file
         tok_dir = folder / "tokenizer"
-        tokenizer = load_tokenizer(str(tok_dir)) if tok_dir.is_dir() else load_tokenizer(llm_ref, gguf)
+        tokenizer = load_tokenizer(str(tok_dir), runtime=False) if tok_dir.is_dir() else load_tokenizer(llm_ref, gguf, runtime=False)
         qformer = base.qformer
         encoder_dims = qformer.encoder_dims
         omni = replace(base, llm=base.llm if ":" in base.llm else llm_ref, encoders=refs)
@@ -177,7 +177,7 @@ def build_model(
     else:
         llm_given, gguf = config.model.llm or "", config.model.llm_gguf_file
         llm_ref = resolve_reference(llm_given)
-        tokenizer = load_tokenizer(llm_ref, gguf)
+        tokenizer = load_tokenizer(llm_ref, gguf, runtime=False)
         omni = None
         adapter_state = None
         lora_dir = None
@@ -194,7 +194,8 @@ def build_model(
             raise ValueError("encoder_dims are needed when the encoders are not loaded")
         encoders = [CachedFeaturesEncoder(r.kind, d, window) for r, d in zip(refs, encoder_dims, strict=True)]
 
-    llm = load_llm(llm_ref, gguf_file=gguf, dtype=llm_dtype, device=str(device), quantization=quant)
+    # training needs transformers' model (peft, losses, activation checkpointing)
+    llm = load_llm(llm_ref, gguf_file=gguf, dtype=llm_dtype, device=str(device), quantization=quant, runtime=False)
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
