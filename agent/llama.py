@@ -350,6 +350,15 @@ class KVCache:
         first = self.keys[0]
         return 0 if first is None else first.shape[-2]
 
+    def repeat(self, rows: int) -> KVCache:
+        """A cache of ``rows`` copies of this one-row cache (several continuations of one prefix)."""
+        if self.keys[0] is None or self.keys[0].shape[0] != 1:
+            raise ValueError("repeat needs a filled cache of one row")
+        out = KVCache(len(self.keys))
+        out.keys = [k.expand(rows, -1, -1, -1).contiguous() for k in self.keys]
+        out.values = [v.expand(rows, -1, -1, -1).contiguous() for v in self.values]
+        return out
+
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         old_k, old_v = self.keys[layer], self.values[layer]
         if old_k is not None and old_v is not None:

@@ -35,6 +35,7 @@ from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import OmnivoxConfig
 from omnivox.agent.generation import CallbackStreamer, Generation, GenerationSettings
+from omnivox.agent.llama import LlamaForCausalLM
 from omnivox.agent.loading import ModelParts, Quantization, load_parts
 from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder
@@ -436,7 +437,10 @@ class OmnivoxModel(nn.Module):
         context = self.processor.merge(prompt, tokens, embed)  # [T, H]
         stop = self.processor.stop_ids[0]
         ids = [self.tokenizer(a.strip(), add_special_tokens=False)["input_ids"] for a in answers]
-        seqs = [torch.cat([context, embed(torch.tensor(i + [stop], device=context.device))]) for i in ids]
+        targets = [torch.tensor(i + [stop], device=context.device) for i in ids]
+        if isinstance(self.llm, LlamaForCausalLM):
+            return self._score_after_shared_context(context, targets), ids
+        seqs = [torch.cat([context, embed(t)]) for t in targets]
         batch = self.processor.left_pad(seqs)
         # only the last positions predict answer tokens: the vocabulary projection of the others
         # (most of the context) would cost time and a [B, L, V] tensor for nothing
@@ -445,12 +449,29 @@ class OmnivoxModel(nn.Module):
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, logits_to_keep=keep
         ).logits  # [B, keep, V]
         scores = []
-        for row, answer in enumerate(ids):
-            target = torch.tensor(answer + [stop], device=logits.device)
+        for row, target in enumerate(targets):
             # the answer's n tokens sit at the row's last n positions; each is predicted one position earlier
             preds = logits[row, keep - len(target) - 1 : keep - 1].float().log_softmax(-1)  # [n, V]
             scores.append(float(preds.gather(1, target[:, None]).sum()))
         return scores, ids
+
+    def _score_after_shared_context(self, context: torch.Tensor, targets: Sequence[torch.Tensor]) -> list[float]:
+        """:meth:`score_answers` with omnivox's Llama runtime: the shared context [T, H] runs once and
+        its KV cache serves every answer (right-padded: padding after an answer cannot reach it), so
+        the context is not computed once per candidate. The same numbers up to float reordering."""
+        first = self.llm(inputs_embeds=context[None], use_cache=True, logits_to_keep=1)  # [1, 1, V]: predicts token 0
+        width = max(len(t) for t in targets)
+        embed = self.llm.get_input_embeddings()
+        answers = torch.zeros(len(targets), width, context.shape[-1], dtype=context.dtype, device=context.device)
+        for row, target in enumerate(targets):
+            answers[row, : len(target)] = embed(target)  # [n, H]
+        rest = self.llm(inputs_embeds=answers, cache=first.cache.repeat(len(targets))).logits  # [B, width, V]
+        scores = []
+        for row, target in enumerate(targets):
+            logits = torch.cat([first.logits[0], rest[row, : len(target) - 1]])  # [n, V]: position j predicts token j
+            preds = logits.float().log_softmax(-1)
+            scores.append(float(preds.gather(1, target[:, None]).sum()))
+        return scores
 
     def decode(self, ids: list[int]) -> str:
         """Text of generated ids, cut at the first stop token."""

@@ -105,6 +105,7 @@ class WhisperTranscriber:
         import whisper
         from whisper.model import ModelDimensions, Whisper
 
+        from omnivox.encoders.base import weights_loaded_after
         from omnivox.encoders.whisper import read_openai_checkpoint
 
         cls.check_source(path)
@@ -113,7 +114,8 @@ class WhisperTranscriber:
         if file.is_file():
             checkpoint = read_openai_checkpoint(file)
             try:
-                model = Whisper(ModelDimensions(**checkpoint["dims"]))
+                with weights_loaded_after():  # every parameter comes from the file, strictly
+                    model = Whisper(ModelDimensions(**checkpoint["dims"]))
                 model.load_state_dict(checkpoint["model_state_dict"], strict=True)
             except (TypeError, RuntimeError) as err:
                 raise CheckpointError(f"{file}: weights do not match its dims {checkpoint['dims']}: {err}") from err

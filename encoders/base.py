@@ -11,7 +11,9 @@ audio (``max_samples``); long audio is split into windows by the caller (the ass
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +103,26 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def weights_loaded_after() -> Iterator[None]:
+    """Build modules without their random initialisation, for weights that are loaded right after.
+
+    Inside, ``reset_parameters`` of Linear, Embedding, Conv1d and LayerNorm does nothing, so the
+    parameters hold uninitialised memory: only use it when a strict ``load_state_dict`` follows
+    (every parameter then overwritten; buffers that constructors compute are not affected).
+    Random initialisation of openai-whisper tiny.en costs ~0.2 s on 2 cores, about 7 % of a start.
+    """
+    kinds = (nn.Linear, nn.Embedding, nn.Conv1d, nn.LayerNorm)
+    saved = {kind: kind.__dict__.get("reset_parameters") for kind in kinds}  # None: inherited (Conv1d)
+    try:
+        for kind in kinds:
+            kind.reset_parameters = lambda self: None
+        yield
+    finally:
+        for kind, method in saved.items():
+            if method is None:
+                del kind.reset_parameters
+            else:
+                kind.reset_parameters = method

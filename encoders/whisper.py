@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnivox.encoders.base import SAMPLE_RATE, AudioEncoder, EncoderOutput, torch_load_checkpoint
+from omnivox.encoders.base import (
+    SAMPLE_RATE,
+    AudioEncoder,
+    EncoderOutput,
+    torch_load_checkpoint,
+    weights_loaded_after,
+)
 from omnivox.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -247,7 +253,8 @@ class WhisperEncoder(AudioEncoder):
         missing_dims = [k for k in needed if k not in dims]
         if missing_dims:
             raise CheckpointError(f"{source}: 'dims' lacks {missing_dims} (has {sorted(dims)})")
-        backbone = OpenAIAudioEncoder(*(int(dims[k]) for k in needed))
+        with weights_loaded_after():  # every parameter comes from the state dict, strictly
+            backbone = OpenAIAudioEncoder(*(int(dims[k]) for k in needed))
         enc_state = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         try:
             backbone.load_state_dict(enc_state, strict=True)

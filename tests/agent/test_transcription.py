@@ -91,6 +91,9 @@ def test_llm_scores_are_teacher_forced_log_probabilities(folder):
     clip = model.encode_clip(tiny.tone_clip(2.0)).tokens
     messages = [Message("user", ASK, num_audio=1)]
     answers = ["yes", "one two three four", "Rain falls on the roof."]
+    from omnivox.agent.llama import LlamaForCausalLM
+
+    assert isinstance(model.llm, LlamaForCausalLM)  # scored with the shared-context cache of the runtime
     batch, ids = model.score_answers(messages, [clip], answers)
     prompt = model.processor.tokenize(messages, [clip.shape[0]])
     context = model.processor.merge(prompt, [clip], model.llm.get_input_embeddings())  # [T, H]
@@ -104,6 +107,8 @@ def test_llm_scores_are_teacher_forced_log_probabilities(folder):
             total += float(logits.log_softmax(-1)[token])
             seq = torch.cat([seq, model.llm.get_input_embeddings()(torch.tensor([token]))])
         assert score == pytest.approx(total, abs=1e-4)
+    model.llm = model.llm.transformers_model()  # the same weights through transformers: the batched path
+    assert model.score_answers(messages, [clip], answers)[0] == pytest.approx(batch, abs=1e-4)
 
 
 def test_other_requests_streaming_and_opting_out(folder, monkeypatch):
