@@ -270,6 +270,10 @@ def quiet_library_noise() -> None:
     # a user's own setting of these variables wins
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:  # it reads its variable at import: switch it now
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.disable_progress_bars()
     if "transformers" in sys.modules:  # imported already (an in-process caller): switch it now
         import transformers.utils.logging as transformers_logging
 
