@@ -7,6 +7,7 @@ status 2; no traceback. ``OMNIVOX_DEBUG=1`` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -317,8 +318,9 @@ def run() -> None:
     argv = sys.argv[1:]
     code = main(argv)
     if next((a for a in argv if not a.startswith("-")), None) in FAST_EXIT_COMMANDS:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(BrokenPipeError):  # a reader that went away (e.g. `| head`)
+            sys.stdout.flush()
+            sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)

@@ -209,7 +209,7 @@ class OmnivoxConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmnivoxConfig:
         _check_fields(data, cls, "config")
-        version = data.get("format_version", FORMAT_VERSION)
+        version = data.get("format_version", 1)  # folders before format 2 may not name theirs
         if isinstance(version, int) and version < 2:
             data = _upgrade_v1(data)
         try:

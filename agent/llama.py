@@ -355,8 +355,8 @@ class KVCache:
         if self.keys[0] is None or self.keys[0].shape[0] != 1:
             raise ValueError("repeat needs a filled cache of one row")
         out = KVCache(len(self.keys))
-        out.keys = [k.expand(rows, -1, -1, -1).contiguous() for k in self.keys]
-        out.values = [v.expand(rows, -1, -1, -1).contiguous() for v in self.values]
+        out.keys = [k.expand(rows, -1, -1, -1) for k in self.keys]  # views: update() concatenates anyway
+        out.values = [v.expand(rows, -1, -1, -1) for v in self.values]
         return out
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -350,8 +350,9 @@ class OmnivoxModel(nn.Module):
             audio: per item, its clips (``EncodedClip`` from :meth:`encode_clip`, or [N_i, H] tokens).
             settings: decoding; default the model folder's (``config.generation``).
             on_text: called with each new piece of text (batch of one, no beam search).
-            logits_processors: transformers ``LogitsProcessor`` objects applied at every step
-                (e.g. the joint CTC decoder of ``agent/ctc_fusion.py``).
+            logits_processors: callables ``(new_ids [rows, t], scores [rows, V]) -> scores`` applied
+                at every step, as transformers' ``LogitsProcessor`` (e.g. the joint CTC decoder of
+                ``agent/ctc_fusion.py``).
         """
         settings = settings or self.config.generation
         batch = self.build_inputs(conversations, audio)
@@ -483,17 +484,6 @@ class OmnivoxModel(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-    def chat(
-        self,
-        prompt: str,
-        audio: Sequence[np.ndarray] = (),
-        settings: GenerationSettings | None = None,
-        on_text: Callable[[str], None] | None = None,
-    ) -> Generation:
-        """One question about zero or more 16 kHz clips, answered by the model alone."""
-        clips = [self.encode_clip(a) for a in audio]
-        return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text)[0]
-
     # ------------------------------------------------------------------- LoRA
     def _lora_layers(self, purpose: str) -> list[nn.Module]:
         from peft.tuners.lora import LoraLayer
@@ -548,8 +538,6 @@ class OmnivoxModel(nn.Module):
             head = {k: v.detach().contiguous().cpu() for k, v in self.ctc_head.state_dict().items()}
             save_file(head, folder / CTC_HEAD_FILE)
         return folder
-
-    @classmethod
 
     @classmethod
     def from_pretrained(

@@ -35,6 +35,7 @@ from omnivox.agent.config import TranscriberSettings
 from omnivox.agent.generation import Generation, GenerationSettings
 from omnivox.agent.model import Clip, EncodedClip, OmnivoxModel, clip_tokens
 from omnivox.agent.transcriber import WhisperTranscriber
+from omnivox.errors import UserInputError
 from omnivox.prompts import Message
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,10 @@ class TranscriptionStep:
         on_text: Callable[[str], None] | None = None,
     ) -> list[Generation]:
         """Answers for a batch, each as the model would give it alone (see the module docstring)."""
+        if len(conversations) != len(audio):
+            raise UserInputError(f"{len(conversations)} conversations but audio for {len(audio)}")
+        if on_text is not None and len(conversations) != 1:
+            raise UserInputError(f"streaming needs a batch of one, got {len(conversations)} conversations")
         requests = [transcript_request(m, c) for m, c in zip(conversations, audio, strict=True)]
         chosen = {i for i, r in enumerate(requests) if r is not None and self._transcriber_answers(audio[i], settings)}
         llm_items = [i for i in range(len(conversations)) if i not in chosen or self.weights.llm_weight > 0]
@@ -222,7 +227,7 @@ class TranscriptionStep:
         features = transcriber.encode(samples)  # [1, n_audio_ctx, D]
         candidates = [c for c in dict.fromkeys([h.text for h in transcriber.nbest(features)] + [own]) if c]
         if len(candidates) < 2:
-            text = answer(candidates[0]) if candidates else (llm_answer or "")
+            text = answer(candidates[0] if candidates else "")
             return text, {"candidates": candidates}
         total = np.zeros(len(candidates))
         if weights.whisper_weight:

@@ -296,10 +296,7 @@ class WhisperEncoder(AudioEncoder):
 
     @classmethod
     def from_openai_model(cls, model: nn.Module, pad_to_window: bool = True) -> WhisperEncoder:
-        """The encoder of a loaded openai-whisper ``Whisper`` model, sharing its weights (no copy).
-
-        Used when the same checkpoint also serves as a transcriber: one file read, one set of weights.
-        """
+        """The encoder of a loaded openai-whisper ``Whisper`` model, sharing its weights (no copy)."""
         dims = model.dims
         encoder = cls(model.encoder, "openai", dims.n_mels, dims.n_audio_ctx, dims.n_audio_state)
         encoder.pad_to_window = bool(pad_to_window)

@@ -25,11 +25,13 @@ def test_chat_one_question_prints_the_answer(tiny_model_dir, tmp_path, capsys):
     rc = cli.main(["chat", "--model", str(tiny_model_dir), "--audio", str(wav), "--greedy", "--max-new-tokens", "6", "What", "is", "said?"])
     out = capsys.readouterr().out
     assert rc == 0
+    from omnivox.agent.assistant import Assistant
     from omnivox.agent.audio import load_audio
     from omnivox.agent.generation import GenerationSettings
 
-    model = OmnivoxModel.from_pretrained(tiny_model_dir)
-    expected = model.chat("What is said?", [load_audio(wav).samples], GenerationSettings.greedy(max_new_tokens=6))
+    expected = Assistant.from_pretrained(tiny_model_dir).chat(
+        "What is said?", [load_audio(wav).samples], GenerationSettings.greedy(max_new_tokens=6)
+    )
     assert out.strip() == expected.text
 
 

@@ -278,6 +278,9 @@ def test_a_version_1_folder_loads_with_its_old_decoding_names(tiny_model_dir, tm
     saved = config.to_dict()
     assert saved["generation"] == {"num_beams": 1, "ctc_fusion_weight": 0.3, "ctc_fusion_candidates": 5}
     assert "ctc_weight" not in saved["transcriber"] and saved["transcriber"]["ctc_rescore_weight"] == 0.2
+    unnamed = {k: v for k, v in old.items() if k != "format_version"}  # early folders may not name a version
+    (copy / "config.json").write_text(json.dumps(unnamed))
+    assert OmnivoxConfig.load(copy / "config.json").generation == config.generation
     (copy / "config.json").write_text(json.dumps({**old, "format_version": 2}))  # the old names in a v2 file: refused
     with pytest.raises(CheckpointError, match="ctc_weight"):
         OmnivoxConfig.load(copy / "config.json")

@@ -17,7 +17,7 @@ from omnivox.agent.config import OmnivoxConfig, TranscriberSettings
 from omnivox.agent.generation import GenerationSettings
 from omnivox.agent.model import OmnivoxModel
 from omnivox.agent.transcription import _json_value, is_json_transcription_request, is_transcription_request
-from omnivox.errors import CheckpointError
+from omnivox.errors import CheckpointError, UserInputError
 from omnivox.prompts import Message
 
 SETTINGS = GenerationSettings.greedy(max_new_tokens=8)
@@ -132,6 +132,10 @@ def test_other_requests_streaming_and_opting_out(folder, monkeypatch):
     pieces: list[str] = []
     assert assistant.chat(ASK, clips[:1], SETTINGS, on_text=pieces.append) == both[0]
     assert pieces == [both[0].text]  # streamed whole once chosen
+    with pytest.raises(UserInputError, match="streaming needs a batch of one, got 2"):
+        assistant.generate(conversations, [[e] for e in encoded], SETTINGS, on_text=pieces.append)
+    with pytest.raises(UserInputError, match="2 conversations but audio for 1"):
+        assistant.generate(conversations, [[encoded[0]]], SETTINGS)
     other = encoded[0].tokens  # tokens without the clip's samples: the LLM answers
     assert assistant.generate(conversations[:1], [[other]], SETTINGS) == assistant.generate(conversations[:1], [[other]], off)
     assert Assistant(assistant.model).generate(conversations, [[e] for e in encoded], SETTINGS) == plain
