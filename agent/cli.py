@@ -146,6 +146,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"omnivox: error: {err}", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from omnivox.agent.server import serve
+
+    if not 0 < args.port < 65536:
+        raise UserInputError(f"--port must be from 1 to 65535, got {args.port}")
+    assistant = load_model_for_cli(args)
+    serve(assistant, model_folder(args).resolve().name, host=args.host, port=args.port, api_key=args.api_key)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
@@ -201,6 +211,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, transcriptions)")
+    model_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.set_defaults(func=cmd_serve)
 
     convert = sub.add_parser("convert", help="convert checkpoints into omnivox formats")
     csub = convert.add_subparsers(dest="what", required=True)
