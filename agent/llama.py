@@ -461,8 +461,6 @@ def causal_mask(
     no_padding = padding is None or bool(padding.all())
     if (q_length == 1 or kv_length == q_length) and no_padding:
         return None
-    if q_offset == 0 and (padding is None or (bool(padding[:, :q_length].all()) and not bool(padding[:, q_length:].any()))):
-        return None
     q_idx = torch.arange(q_length, device=device) + q_offset
     kv_idx = torch.arange(kv_length, device=device)
     mask = kv_idx[None, None, None, :] <= q_idx[None, None, :, None]  # [1, 1, q, kv]

@@ -292,15 +292,10 @@ class WhisperEncoder(AudioEncoder):
                 f"could not download the openai-whisper weights {name!r} ({type(err).__name__}: {err}); "
                 f"on an offline machine, copy the file (e.g. {name}.pt) here and pass its path instead of the name"
             ) from err
-        return cls.from_openai_model(model)  # the decoder goes with ``model``
-
-    @classmethod
-    def from_openai_model(cls, model: nn.Module, pad_to_window: bool = True) -> WhisperEncoder:
-        """The encoder of a loaded openai-whisper ``Whisper`` model, sharing its weights (no copy)."""
         dims = model.dims
-        encoder = cls(model.encoder, "openai", dims.n_mels, dims.n_audio_ctx, dims.n_audio_state)
-        encoder.pad_to_window = bool(pad_to_window)
-        return encoder
+        backbone = model.encoder.eval()
+        del model  # drop the decoder
+        return cls(backbone, "openai", dims.n_mels, dims.n_audio_ctx, dims.n_audio_state)
 
     @classmethod
     def _from_hf(cls, name_or_path: str) -> WhisperEncoder:
