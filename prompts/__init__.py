@@ -20,6 +20,7 @@ from omnivox.prompts.styles import (
     Special,
     get_prompt_style,
 )
+from omnivox.prompts.tools import ToolSpec, call_text, calls_text, clip_label, result_text, tools_text
 
 __all__ = [
     "PROMPT_STYLES",
@@ -30,4 +31,10 @@ __all__ = [
     "Segment",
     "Special",
     "get_prompt_style",
+    "ToolSpec",
+    "call_text",
+    "calls_text",
+    "clip_label",
+    "result_text",
+    "tools_text",
 ]

@@ -31,17 +31,24 @@ class Message:
             before the text in the style's audio wrapper.
     """
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     text: str
     num_audio: int = 0
+    audio_labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.role not in ("system", "user", "assistant"):
-            raise UserInputError(f"message role must be system, user or assistant, got {self.role!r}")
+        if self.role not in ("system", "user", "assistant", "tool"):
+            raise UserInputError(f"message role must be system, user, assistant or tool, got {self.role!r}")
         if self.num_audio < 0:
             raise UserInputError(f"num_audio must be >= 0, got {self.num_audio}")
         if self.num_audio and self.role != "user":
             raise UserInputError(f"only user turns carry audio, got {self.num_audio} clip(s) on a {self.role} turn")
+        if self.audio_labels and len(self.audio_labels) != self.num_audio:
+            raise UserInputError(f"{len(self.audio_labels)} audio labels for {self.num_audio} clip(s)")
+
+    def audio_head(self, index: int) -> str:
+        """What goes before clip ``index``'s audio: its label (``"clip-1: "``) when it has one."""
+        return f"{self.audio_labels[index]}: " if self.audio_labels else ""
 
 
 @dataclass(frozen=True)
@@ -62,15 +69,29 @@ class PromptStyle:
 
     @staticmethod
     def check_order(messages: list[Message]) -> None:
-        """Users and assistants alternate, starting with a user (after an optional system turn)."""
+        """Users and assistants alternate, starting with a user (after an optional system turn).
+
+        Tool turns (the results of an assistant turn's tool calls) may follow an assistant turn
+        or another tool turn, and take the place of a user turn.
+        """
         body = messages[1:] if messages and messages[0].role == "system" else messages
         if not body:
             raise UserInputError("a conversation needs at least one user turn")
+        roles = [m.role for m in messages]
         for i, message in enumerate(body):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message.role != expected:
-                roles = [m.role for m in messages]
-                raise UserInputError(f"turn {i} should be a {expected} turn; roles were {roles}")
+            before = body[i - 1].role if i else None
+            if i == 0:
+                ok = message.role == "user"
+                expected = "user"
+            elif message.role == "assistant":
+                ok, expected = before in ("user", "tool"), "user or tool"
+            elif message.role == "tool":
+                ok, expected = before in ("assistant", "tool"), "assistant or tool"
+            else:
+                ok, expected = before == "assistant", "assistant"
+            if not ok:
+                where = "the first turn must be a user turn" if i == 0 else f"a {message.role} turn must follow {expected}"
+                raise UserInputError(f"turn {i}: {where}; roles were {roles}")
 
 
 @dataclass(frozen=True)
@@ -91,10 +112,10 @@ class SalmonnStyle(PromptStyle):
         for message in messages:
             if message.role == "system":
                 segments.append(message.text.strip() + " ")
-            elif message.role == "user":
-                text = "USER: "
-                for _ in range(message.num_audio):
-                    segments += [text + "<Speech>", Special.AUDIO]
+            elif message.role in ("user", "tool"):
+                text = "USER: " if message.role == "user" else "USER: Tool result: "
+                for k in range(message.num_audio):
+                    segments += [text + message.audio_head(k) + "<Speech>", Special.AUDIO]
                     text = "</Speech>"
                 # SALMONN's cli_inference strips the instruction and puts one space after </Speech>.
                 segments.append(text + (" " if message.num_audio else "") + message.text.strip() + "\nASSISTANT:")
@@ -123,8 +144,8 @@ class ChatMLStyle(PromptStyle):
             segments.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
         for message in messages:
             head = f"<|im_start|>{message.role}\n"
-            for _ in range(message.num_audio):
-                segments += [head + "<audio>", Special.AUDIO]
+            for k in range(message.num_audio):
+                segments += [head + message.audio_head(k) + "<audio>", Special.AUDIO]
                 head = "</audio>"
             segments.append(head + message.text.strip() + "<|im_end|>\n")
         if add_generation_prompt:

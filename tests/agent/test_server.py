@@ -225,7 +225,7 @@ def test_bad_requests_are_4xx_in_openai_shape(server):
         ({"messages": [user], "n": 2}, "n must be 1"),
         ({"messages": [user], "modalities": ["text", "audio"]}, "cannot speak"),
         ({"messages": [user], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calls are not supported"),
-        ({"messages": [user, {"role": "user", "content": "again"}]}, "should be a assistant turn"),
+        ({"messages": [user, {"role": "user", "content": "again"}]}, "a user turn must follow assistant"),
         ({"messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {"data": "@@not base64@@", "format": "wav"}}]}]}, "not valid base64"),
         ({"messages": [{"role": "user", "content": [
