@@ -8,18 +8,47 @@ holds the model and its steps; callers that want the model alone use the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from omnivox.agent.constrained import AnswerFormat
 from omnivox.agent.generation import Generation, GenerationSettings
 from omnivox.agent.loading import load_parts
 from omnivox.agent.model import Clip, EncodedClip, OmnivoxModel
+from omnivox.agent.tools import ToolCall
 from omnivox.agent.transcriber import WhisperTranscriber
 from omnivox.agent.transcription import TranscriptionStep
-from omnivox.prompts import Message
+from omnivox.errors import UserInputError
+from omnivox.prompts import Message, ToolSpec, clip_label, tools_text
+
+
+def offer_tools(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> list[Message]:
+    """The conversation as the model sees it when ``tools`` are offered.
+
+    The tool list (``prompts.tools.tools_text``) is the system turn (after the caller's own
+    system text, if any) and every clip is labelled ``clip-1``, ``clip-2``, ... in order, so
+    the model can name them in calls.
+    """
+    out: list[Message] = []
+    offered = tools_text(tools)
+    if messages and messages[0].role == "system":
+        out.append(Message("system", f"{messages[0].text.strip()}\n\n{offered}"))
+        messages = messages[1:]
+    else:
+        out.append(Message("system", offered))
+    clips = 0
+    for message in messages:
+        if message.num_audio:
+            labels = tuple(clip_label(clips + k) for k in range(message.num_audio))
+            message = replace(message, audio_labels=labels)
+            clips += message.num_audio
+        out.append(message)
+    return out
 
 
 class Assistant:
@@ -76,9 +105,65 @@ class Assistant:
         audio: Sequence[Sequence[Clip]],
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
+        *,
+        tools: Sequence[ToolSpec] | None = None,
+        tool_choice: str = "auto",
+        response_format: Mapping[str, Any] | None = None,
+        formats: Sequence[AnswerFormat | None] | None = None,
+        on_tool_call: Callable[[ToolCall], None] | None = None,
     ) -> list[Generation]:
-        """Answers for a batch of conversations whose audio is encoded (:meth:`encode_clip`)."""
-        return self.transcription.generate(conversations, audio, settings or self.model.config.generation, on_text)
+        """Answers for a batch of conversations whose audio is encoded (:meth:`encode_clip`).
+
+        Args:
+            conversations, audio, settings, on_text: as :meth:`OmnivoxModel.generate`.
+            tools: tools offered to every item (``ToolSpec``; ``Tool.spec()``); the tool list and
+                clip labels are written into the conversation here (:func:`offer_tools`).
+            tool_choice: "auto" (text or calls), "required" (calls), "none", or a tool's name.
+            response_format: a JSON schema a text answer must follow.
+            formats: instead of the three above, one :class:`AnswerFormat` (or None) per item.
+            on_tool_call: called with each call once the answer is complete.
+
+        Items with a format are decoded by the LLM under their grammar (``agent/constrained.py``;
+        greedy or sampled, one beam); the rest go through the transcription step. A streamed
+        answer that is calls sends no text.
+        """
+        settings = settings or self.model.config.generation
+        if formats is None:
+            one = None
+            if tools or response_format is not None:
+                one = AnswerFormat(tuple(tools or ()), tool_choice, response_format)
+            formats = [one] * len(conversations)
+        elif tools is not None or response_format is not None:
+            raise UserInputError("give either formats or tools/tool_choice/response_format, not both")
+        formats = list(formats)
+        if len(formats) != len(conversations):
+            raise UserInputError(f"{len(conversations)} conversations but {len(formats)} answer formats")
+        guided = [i for i, f in enumerate(formats) if f is not None and f.constrained]
+        if not guided:
+            return self.transcription.generate(conversations, audio, settings, on_text)
+        if on_text is not None and len(conversations) != 1:
+            raise UserInputError(f"streaming needs a batch of one, got {len(conversations)} conversations")
+        answers: dict[int, Generation] = {}
+        rest = [i for i in range(len(conversations)) if i not in set(guided)]
+        if rest:
+            out = self.transcription.generate([conversations[i] for i in rest], [audio[i] for i in rest], settings)
+            answers.update(zip(rest, out, strict=True))
+        prompts = [offer_tools(conversations[i], formats[i].tools) if formats[i].offers_tools else list(conversations[i])
+                   for i in guided]  # fmt: skip
+        out = self.model.generate(
+            prompts,
+            [audio[i] for i in guided],
+            replace(settings, num_beams=1) if settings.num_beams != 1 else settings,
+            _text_only(on_text) if on_text is not None else None,
+            formats=[formats[i] for i in guided],
+        )
+        answers.update(zip(guided, out, strict=True))
+        result = [answers[i] for i in range(len(conversations))]
+        if on_tool_call is not None:
+            for answer in result:
+                for call in answer.tool_calls:
+                    on_tool_call(call)
+        return result
 
     def chat(
         self,
@@ -86,7 +171,21 @@ class Assistant:
         audio: Sequence[np.ndarray] = (),
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
+        **answer_format: Any,
     ) -> Generation:
-        """One question about zero or more 16 kHz clips."""
+        """One question about zero or more 16 kHz clips (``answer_format``: tools, tool_choice, response_format)."""
         clips = [self.encode_clip(a) for a in audio]
-        return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text)[0]
+        return self.generate([[Message("user", prompt, num_audio=len(clips))]], [clips], settings, on_text, **answer_format)[0]
+
+
+def _text_only(on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """Pass text on unless the answer is calls (its first character is ``<``: text cannot start so)."""
+    state: dict[str, bool] = {}
+
+    def piece(text: str) -> None:
+        if "calls" not in state:
+            state["calls"] = text.startswith("<")
+        if not state["calls"]:
+            on_text(text)
+
+    return piece

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from omnivox.errors import CheckpointError, UserInputError
+
+if TYPE_CHECKING:
+    from omnivox.agent.tools import ToolCall
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class GenerationSettings:
         return {k: v for k, v in asdict(self).items() if v != default[k]}
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass
@@ -104,10 +107,12 @@ class Generation:
     Attributes:
         text: the answer's text (without the stop token).
         token_ids: the ids the LLM produced, up to and including the first stop token.
-        finish_reason: "stop" when the LLM ended the answer, "length" when ``max_new_tokens`` did.
+        finish_reason: "stop" when the LLM ended the answer, "length" when ``max_new_tokens`` did,
+            "tool_calls" when the answer is calls (``tool_calls``).
         source: what produced the text: "llm", or the step that answered instead (e.g.
             "transcriber" when the Whisper transcriber chose a transcript).
         details: what that step wants a caller to see (e.g. the transcript candidates and scores).
+        tool_calls: the calls the model made (``agent/tools.py``), in order; ``text`` is then "".
     """
 
     text: str
@@ -115,6 +120,7 @@ class Generation:
     finish_reason: FinishReason
     source: str = "llm"
     details: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 class CallbackStreamer:

@@ -34,6 +34,7 @@ from omnivox.adapters.lora import FoldedLora
 from omnivox.adapters.qformer import AudioAdapter
 from omnivox.agent.audio import load_audio, split_windows
 from omnivox.agent.config import OmnivoxConfig
+from omnivox.agent.constrained import AnswerFormat, GrammarCompiler, GrammarConstraint
 from omnivox.agent.generation import CallbackStreamer, Generation, GenerationSettings
 from omnivox.agent.llama import LlamaForCausalLM
 from omnivox.agent.loading import ModelParts, Quantization, load_parts
@@ -140,6 +141,7 @@ class OmnivoxModel(nn.Module):
         self.tokenizer = tokenizer
         self.folded_lora = folded_lora
         self.processor = OmnivoxProcessor(tokenizer, get_prompt_style(config.prompt_style))
+        self._grammar_compiler: GrammarCompiler | None = None  # built on the first constrained answer
         self._ctc_head: list[CTCHead] = []  # not a submodule: no part of the weights the trainer sees
 
     @property
@@ -390,14 +392,35 @@ class OmnivoxModel(nn.Module):
             results.append(row[:end])
         return results
 
-    def result(self, ids: list[int]) -> Generation:
+    def result(self, ids: list[int], answer_format: AnswerFormat | None = None) -> Generation:
         """The typed answer for the ids the LLM produced (see :meth:`generate_ids`).
 
-        This is the one place that reads what the ids hold: text now; a new kind of output
-        (codec tokens, a task call) is one more branch here and one more field of ``Generation``.
+        This is the one place that reads what the ids hold: text, or tool calls when tools were
+        offered (``answer_format``) and the answer is calls; a new kind of output (codec tokens)
+        is one more branch here and one more field of ``Generation``.
         """
         stopped = bool(ids) and ids[-1] in self.processor.stop_ids
-        return Generation(text=self.decode(ids), token_ids=list(ids), finish_reason="stop" if stopped else "length")
+        text = self.decode(ids)
+        if answer_format is not None and answer_format.offers_tools and stopped:
+            from omnivox.agent.tools import parse_calls
+
+            calls = parse_calls(text)
+            if calls is not None:
+                return Generation("", list(ids), "tool_calls", tool_calls=calls)
+        return Generation(text=text, token_ids=list(ids), finish_reason="stop" if stopped else "length")
+
+    def constraint(self, formats: Sequence[AnswerFormat | None]) -> GrammarConstraint | None:
+        """The logits processor holding each item to its answer format; None if none constrains."""
+        grammars = [f.grammar() if f is not None else None for f in formats]
+        if all(g is None for g in grammars):
+            return None
+        if self._grammar_compiler is None:
+            vocab = self.llm.get_input_embeddings().weight.shape[0]
+            out = self.llm.get_output_embeddings() if hasattr(self.llm, "get_output_embeddings") else None
+            if out is not None and getattr(out, "weight", None) is not None:
+                vocab = out.weight.shape[0]
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, vocab, self.processor.stop_ids[0])
+        return GrammarConstraint(self._grammar_compiler, grammars)
 
     @torch.no_grad()
     def generate(
@@ -407,13 +430,27 @@ class OmnivoxModel(nn.Module):
         settings: GenerationSettings | None = None,
         on_text: Callable[[str], None] | None = None,
         logits_processors: Sequence | None = None,
+        formats: Sequence[AnswerFormat | None] | None = None,
     ) -> list[Generation]:
         """Answers for a batch of conversations whose audio is already encoded.
 
-        Args: as :meth:`generate_ids`.
+        Args: as :meth:`generate_ids`, and
+            formats: per item, what its answer may be (tool calls, a JSON schema), enforced by
+                constrained decoding (``agent/constrained.py``); the conversations must already
+                offer the tools (``agent/assistant.py`` writes them in). Greedy or sampled
+                decoding only (a grammar follows one row per item).
         """
+        formats = list(formats) if formats is not None else [None] * len(conversations)
+        if len(formats) != len(conversations):
+            raise UserInputError(f"{len(conversations)} conversations but {len(formats)} answer formats")
+        constraint = self.constraint(formats)
+        if constraint is not None:
+            settings = settings or self.config.generation
+            if settings.num_beams != 1:
+                raise UserInputError(f"constrained answers (tools, response_format) need num_beams 1, got {settings.num_beams}")
+            logits_processors = [*(logits_processors or []), constraint]
         ids = self.generate_ids(conversations, audio, settings, on_text, logits_processors)
-        return [self.result(i) for i in ids]
+        return [self.result(i, f) for i, f in zip(ids, formats, strict=True)]
 
     @torch.no_grad()
     def score_answers(
