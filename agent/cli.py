@@ -156,6 +156,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from omnivox.agent.agent_loop import Agent
+    from omnivox.agent.audio import load_audio
+    from omnivox.agent.builtin_tools import builtin_tools
+    from omnivox.agent.workspace import Workspace
+
+    if args.max_steps < 1 or not args.max_seconds > 0:
+        raise UserInputError(f"--max-steps must be >= 1 and --max-seconds > 0, got {args.max_steps} and {args.max_seconds}")
+    clips = [load_audio(path).samples for path in args.audio]  # the user's own files, checked before loading
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    assistant = load_model_for_cli(args)
+    workspace = Workspace(out_dir)
+    registry = builtin_tools(assistant, workspace)
+    if args.tools:
+        from omnivox.agent.tools import ToolRegistry
+
+        registry = ToolRegistry(registry.select([n.strip() for n in args.tools.split(",") if n.strip()]))
+    agent = Agent(assistant, registry, workspace, max_steps=args.max_steps, max_seconds=args.max_seconds,
+                  raise_on_tool_error=args.raise_tool_errors)  # fmt: skip
+
+    def show(step) -> None:  # the trace as it happens, on stderr; the answer alone on stdout
+        if not args.json and step.kind == "call":
+            print(step.line(), file=sys.stderr)
+
+    result = agent.run(" ".join(args.goal), clips, on_step=show)
+    if args.json:
+        print(result.trace_json())
+    else:
+        print(result.answer)
+        for artifact, path in result.artifacts.items():
+            print(f"{artifact}: {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import json
 
@@ -218,6 +253,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     serve.set_defaults(func=cmd_serve)
+
+    agent = sub.add_parser("agent", help="work on a goal with tools (transcribe, trim, mix, ...): calls, results, answer")
+    model_flags(agent)
+    agent.add_argument("--audio", action="append", default=[], metavar="FILE", help="audio file (repeatable): clip-1, clip-2, ...")
+    agent.add_argument("--tools", default=None, help="comma-separated tool names offered (default: all built-in tools)")
+    agent.add_argument("--max-steps", type=int, default=6, help="rounds of tool calls before the model must answer (default 6)")
+    agent.add_argument("--max-seconds", type=float, default=300.0, help="time budget of the run (default 300)")
+    agent.add_argument("--out-dir", default="omnivox-out", help="the allowed directory: audio the tools make is written here")
+    agent.add_argument("--raise-tool-errors", action="store_true", help="stop on a tool error instead of telling the model")
+    agent.add_argument("--json", action="store_true", help="print the whole trace as JSON")
+    agent.add_argument("goal", nargs="+", help="what to do")
+    agent.set_defaults(func=cmd_agent)
 
     convert = sub.add_parser("convert", help="convert checkpoints into omnivox formats")
     csub = convert.add_subparsers(dest="what", required=True)
