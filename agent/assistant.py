@@ -109,6 +109,7 @@ class Assistant:
         tools: Sequence[ToolSpec] | None = None,
         tool_choice: str = "auto",
         response_format: Mapping[str, Any] | None = None,
+        parallel_tool_calls: bool = True,
         formats: Sequence[AnswerFormat | None] | None = None,
         on_tool_call: Callable[[ToolCall], None] | None = None,
     ) -> list[Generation]:
@@ -120,6 +121,7 @@ class Assistant:
                 clip labels are written into the conversation here (:func:`offer_tools`).
             tool_choice: "auto" (text or calls), "required" (calls), "none", or a tool's name.
             response_format: a JSON schema a text answer must follow.
+            parallel_tool_calls: False: at most one call per answer.
             formats: instead of the three above, one :class:`AnswerFormat` (or None) per item.
             on_tool_call: called with each call once the answer is complete.
 
@@ -131,7 +133,7 @@ class Assistant:
         if formats is None:
             one = None
             if tools or response_format is not None:
-                one = AnswerFormat(tuple(tools or ()), tool_choice, response_format)
+                one = AnswerFormat(tuple(tools or ()), tool_choice, response_format, parallel_tool_calls)
             formats = [one] * len(conversations)
         elif tools is not None or response_format is not None:
             raise UserInputError("give either formats or tools/tool_choice/response_format, not both")

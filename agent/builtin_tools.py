@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
+import pydantic
 
 from omnivox.agent.tools import Tool, ToolError, ToolRegistry, ToolResult, tool
 from omnivox.agent.workspace import Workspace
@@ -26,6 +27,13 @@ from omnivox.errors import UserInputError
 log = logging.getLogger(__name__)
 
 TRANSCRIBE = "Transcribe the speech."
+
+# A clip argument is an id the workspace holds; the pattern keeps a model from writing anything else
+ClipId = Annotated[str, pydantic.Field(pattern=r"^(clip|audio)-[1-9][0-9]{0,3}$")]
+Question = Annotated[str, pydantic.Field(min_length=1, max_length=300)]
+Seconds = Annotated[float, pydantic.Field(ge=0, le=3600)]
+Gain = Annotated[float, pydantic.Field(ge=-60, le=24)]
+Rate = Annotated[int, pydantic.Field(ge=8000, le=48000)]
 
 
 @lru_cache(maxsize=1)
@@ -88,7 +96,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return assistant.chat(TRANSCRIBE, [samples], assistant.settings()).text.strip()
 
     @tool
-    def transcribe(clip: str, timestamps: bool = False) -> str:
+    def transcribe(clip: ClipId, timestamps: bool = False) -> str:
         """Transcribe the speech in a clip.
 
         Args:
@@ -106,7 +114,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return "\n".join(lines) or "(no speech)"
 
     @tool
-    def ask(clip: str, question: str) -> str:
+    def ask(clip: ClipId, question: Question) -> str:
         """Ask a question about what can be heard in a clip.
 
         Args:
@@ -118,7 +126,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return assistant.chat(question, [workspace.get(clip).for_model()], assistant.settings()).text.strip()
 
     @tool
-    def detect_speech(clip: str) -> str:
+    def detect_speech(clip: ClipId) -> str:
         """Find the stretches of a clip where someone speaks, with start and end in seconds.
 
         Args:
@@ -130,7 +138,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return json.dumps([{"start": round(s, 2), "end": round(e, 2)} for s, e in segments])
 
     @tool
-    def measure(clip: str) -> str:
+    def measure(clip: ClipId) -> str:
         """Measure a clip: duration, sample rate, loudness (LUFS), peak and RMS level (dBFS).
 
         Args:
@@ -140,7 +148,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return json.dumps(measure_audio(item.samples, item.sample_rate))
 
     @tool
-    def trim(clip: str, start: float, end: float) -> ToolResult:
+    def trim(clip: ClipId, start: Seconds, end: Seconds) -> ToolResult:
         """Cut a clip to the part from start to end (seconds); makes a new audio id.
 
         Args:
@@ -158,7 +166,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return ToolResult(made.describe(), (made.id,))
 
     @tool
-    def mix(clip: str, other: str, other_gain_db: float = 0.0, offset: float = 0.0) -> ToolResult:
+    def mix(clip: ClipId, other: ClipId, other_gain_db: Gain = 0.0, offset: Seconds = 0.0) -> ToolResult:
         """Mix another clip into a clip, starting at an offset; makes a new audio id.
 
         Args:
@@ -185,7 +193,7 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         return ToolResult(made.describe(), (made.id,))
 
     @tool
-    def convert(clip: str, sample_rate: int = 16000, format: Literal["wav", "flac", "mp3", "ogg"] = "wav") -> ToolResult:
+    def convert(clip: ClipId, sample_rate: Rate = 16000, format: Literal["wav", "flac", "mp3", "ogg"] = "wav") -> ToolResult:
         """Resample a clip and write it in another format; makes a new audio id.
 
         Args:

@@ -11,7 +11,8 @@ What the grammar allows (``tool_choice``):
   (``prompts/tools.py``), each call's JSON held to its tool's schema. A text answer may not begin
   with ``<``: that is how a call and text are told apart on the first character, without a
   second pass;
-- ``"required"``: one or more calls; a tool's name: one call of that tool;
+- ``"required"``: one or more calls (up to ``MAX_CALLS``; one with ``parallel_tool_calls`` False);
+  a tool's name: one call of that tool;
 - ``"none"``: text (or, with a ``response_format`` schema, JSON of that schema).
 
 The JSON is written with the separators ``json.dumps`` uses (``", "``, ``": "``), properties in
@@ -61,10 +62,19 @@ def call_schema(spec: ToolSpec) -> dict[str, Any]:
     }
 
 
+MAX_CALLS = 8  # calls in one answer, at most (a loop of calls would otherwise run to max_new_tokens)
+
+
 def answer_grammar(
-    tools: Sequence[ToolSpec] = (), tool_choice: str = "auto", response_format: Mapping[str, Any] | None = None
+    tools: Sequence[ToolSpec] = (),
+    tool_choice: str = "auto",
+    response_format: Mapping[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
 ) -> str | None:
-    """The Lark grammar of an answer, or None when nothing constrains it (no tools, no schema)."""
+    """The Lark grammar of an answer, or None when nothing constrains it (no tools, no schema).
+
+    ``parallel_tool_calls`` False: at most one call an answer (OpenAI's flag); else up to ``MAX_CALLS``.
+    """
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
         raise UserInputError(f"tool names must be unique, got {names}")
@@ -91,10 +101,12 @@ def answer_grammar(
         rules.append(f"call_{k}: %json {json.dumps(_guided(call_schema(spec)))}")
         bodies.append(f"call_{k}")
     rules.append(f"call: {_lark_string(CALL_OPEN)} ({' | '.join(bodies)}) {_lark_string(CALL_CLOSE)}")
+    calls_rule = "calls: call" + "".join(" call?" for _ in range(MAX_CALLS - 1)) if parallel_tool_calls else "calls: call"
+    rules.append(calls_rule)
     if tool_choice == "auto":
-        start = f"start: {text} | call+"
+        start = f"start: {text} | calls"
     elif tool_choice == "required":
-        start = "start: call+"
+        start = "start: calls"
     else:
         start = "start: call"
     return "\n".join([start, *rules])
@@ -107,9 +119,10 @@ class AnswerFormat:
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: str = "auto"
     response_format: Mapping[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
-        answer_grammar(self.tools, self.tool_choice, self.response_format)  # raises on a bad choice
+        self.grammar()  # raises on a bad choice
 
     @property
     def offers_tools(self) -> bool:
@@ -120,7 +133,7 @@ class AnswerFormat:
         return self.offers_tools or self.response_format is not None
 
     def grammar(self) -> str | None:
-        return answer_grammar(self.tools, self.tool_choice, self.response_format)
+        return answer_grammar(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls)
 
 
 class GrammarCompiler:

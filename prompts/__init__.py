@@ -20,7 +20,15 @@ from omnivox.prompts.styles import (
     Special,
     get_prompt_style,
 )
-from omnivox.prompts.tools import ToolSpec, call_text, calls_text, clip_label, result_text, tools_text
+from omnivox.prompts.tools import (
+    ToolSpec,
+    call_text,
+    calls_text,
+    clip_label,
+    result_text,
+    signature,
+    tools_text,
+)
 
 __all__ = [
     "PROMPT_STYLES",
@@ -36,5 +44,6 @@ __all__ = [
     "calls_text",
     "clip_label",
     "result_text",
+    "signature",
     "tools_text",
 ]
