@@ -72,7 +72,7 @@ class PromptStyle:
         """Users and assistants alternate, starting with a user (after an optional system turn).
 
         Tool turns (the results of an assistant turn's tool calls) may follow an assistant turn
-        or another tool turn, and take the place of a user turn.
+        or another tool turn, and take the place of a user turn; a user turn may follow them.
         """
         body = messages[1:] if messages and messages[0].role == "system" else messages
         if not body:
@@ -87,8 +87,8 @@ class PromptStyle:
                 ok, expected = before in ("user", "tool"), "user or tool"
             elif message.role == "tool":
                 ok, expected = before in ("assistant", "tool"), "assistant or tool"
-            else:
-                ok, expected = before == "assistant", "assistant"
+            else:  # a user turn: after an answer, or after tool results (the user speaks before the model answers)
+                ok, expected = before in ("assistant", "tool"), "assistant or tool"
             if not ok:
                 where = "the first turn must be a user turn" if i == 0 else f"a {message.role} turn must follow {expected}"
                 raise UserInputError(f"turn {i}: {where}; roles were {roles}")
