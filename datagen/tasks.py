@@ -50,7 +50,9 @@ class Resources:
 @dataclass
 class Item:
     """One rendered example. ``audio``: ``[T]`` float32 at 16 kHz; ``turns``: for multi-turn
-    items, the whole dialogue (the first turn repeats ``instruction``/``answer``)."""
+    items, the whole dialogue (the first turn repeats ``instruction``/``answer``), either as
+    ``{"instruction", "answer"}`` pairs or as ``{"role", "content"}`` turns (user, assistant and
+    tool turns: tool-call items); ``system``: the system turn (tool-call items: the offered tools)."""
 
     audio: np.ndarray
     task: str
@@ -58,6 +60,7 @@ class Item:
     answer: str
     metadata: dict[str, Any]
     turns: list[dict[str, str]] | None = None
+    system: str | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -702,6 +705,13 @@ def build_event_list(rng: np.random.Generator, split: str, res: Resources) -> It
     return Item(x, "event_list", instruction, answer, meta)
 
 
+def build_task_calls(rng: np.random.Generator, split: str, res: Resources) -> Item:
+    """Tool calls (``omnivox.datagen.task_calls``; imported here, as it builds on this module)."""
+    from omnivox.datagen.task_calls import build_task_calls as build
+
+    return build(rng, split, res)
+
+
 # One explicit table: task name -> builder, and how often each is drawn.
 TASKS: dict[str, Callable[[np.random.Generator, str, Resources], Item]] = {
     "transcription": build_transcription,
@@ -716,8 +726,14 @@ TASKS: dict[str, Callable[[np.random.Generator, str, Resources], Item]] = {
     "spoken_qa": build_spoken_qa,
     "multi_turn": build_multi_turn,
     "event_list": build_event_list,
+    "task_calls": build_task_calls,
 }
+# The tasks of generator 1.0, drawn in one weighted cycle over the item index (generate.task_schedule).
 TASK_WEIGHTS: dict[str, int] = {
     "transcription": 6, "captioning": 2, "classification": 2, "counting": 2, "order": 1, "presence": 1,
     "speaker": 2, "loudness": 1, "duration": 1, "spoken_qa": 3, "multi_turn": 2, "event_list": 1,
 }
+# Tasks added later: each has its own item stream (ids "<task>-0000042"), with this share of all
+# items, so adding one leaves every item of the weighted cycle the same bytes.
+TASK_SHARES: dict[str, float] = {"task_calls": 0.2}
+assert set(TASKS) == set(TASK_WEIGHTS) | set(TASK_SHARES) and not set(TASK_WEIGHTS) & set(TASK_SHARES)

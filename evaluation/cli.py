@@ -33,7 +33,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N items per task")
     parser.add_argument("--batch-size", type=int, default=8, help="items generated together (default 8)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default 64; tool-call steps of suite task-calls 160)")
     parser.add_argument("--ctc-fusion-weight", type=float, default=None,
                         help="weight of the CTC head when decoding transcripts jointly, 0-1 (0: the LLM alone; default: the model's)")  # fmt: skip
     parser.add_argument("--no-transcriber", action="store_true",
@@ -63,7 +64,7 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     validate(selection)  # before loading a big model
     # the model's own decoding defaults (what `omnivox chat` does), greedy unless --num-beams says otherwise
-    overrides = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=False)
+    overrides = dict(max_new_tokens=args.max_new_tokens or 64, num_beams=args.num_beams, do_sample=False)
     if args.ctc_fusion_weight is not None:
         overrides["ctc_fusion_weight"] = args.ctc_fusion_weight
     if args.no_transcriber:
@@ -80,6 +81,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model_name=str(model_dir),
         seed=args.seed,
         progress=not args.no_progress,
+        call_max_new_tokens=args.max_new_tokens,
     )
     out = Path(args.out) if args.out else model_dir / "eval" / args.suite
     files = write_results(results, out)

@@ -10,6 +10,10 @@ A manifest folder holds ``train.jsonl``, ``validation.jsonl`` and ``test.jsonl``
                                           # dialogue (first turn = instruction/answer, as datagen writes)
      "id": "..."}                         # optional; default "<split>-<line number>"
 
+Tool-call items (task ``task_calls``) write the whole episode as role turns,
+``[{"role": "user" | "assistant" | "tool", "content": "..."}, ...]``, with the offered tools in
+``metadata["tools"]`` and the tool list rendered in ``system``; each assistant turn is one scored step.
+
 Every line is checked where it is read; an error names the file, the line and the field.
 """
 
@@ -25,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from omnivox.errors import UserInputError
+from omnivox.prompts import Message
+from omnivox.prompts.styles import PromptStyle
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,8 @@ class EvalItem:
         metadata: the manifest's metadata dict.
         source: "manifest" or "fixtures".
         duration: seconds, as the manifest says (0 when unknown).
+        dialogue: (role, text) of every turn of a role-turn item (tool calls); then ``turns`` holds
+            one Turn per assistant turn (what came before it since the last one, the reference).
     """
 
     id: str
@@ -63,6 +71,7 @@ class EvalItem:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     source: str = "manifest"
     duration: float = 0.0
+    dialogue: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         assert self.turns, f"item {self.id} has no turns"
@@ -101,6 +110,10 @@ def parse_line(line: Mapping[str, Any], where: str, folder: Path, default_id: st
     follow = line.get("turns") or []
     if not isinstance(follow, list):
         raise UserInputError(f"{where}: field 'turns' should be a list, got {follow!r}")
+    dialogue: tuple[tuple[str, str], ...] = ()
+    if follow and isinstance(follow[0], Mapping) and "role" in follow[0]:
+        dialogue = _dialogue(follow, where)
+        turns, follow = _steps(dialogue), []
     if follow and isinstance(follow[0], Mapping) and (follow[0].get("instruction"), follow[0].get("answer")) == (
         line.get("instruction"),
         line.get("answer"),
@@ -124,7 +137,37 @@ def parse_line(line: Mapping[str, Any], where: str, folder: Path, default_id: st
         turns=tuple(turns),
         metadata=dict(metadata),
         duration=float(duration),
+        dialogue=dialogue,
     )
+
+
+def _dialogue(turns: list, where: str) -> tuple[tuple[str, str], ...]:
+    """Role turns -> (role, text), checked: a user turn first, tool turns after assistant or tool turns."""
+    out: list[tuple[str, str]] = []
+    for k, turn in enumerate(turns):
+        at = f"{where} turns[{k}]"
+        if not isinstance(turn, Mapping) or turn.get("role") not in ("user", "assistant", "tool"):
+            raise UserInputError(f"{at}: should have role user, assistant or tool, got {turn!r}"[:300])
+        out.append((turn["role"], _field(turn, "content", at)))
+    try:  # the order every prompt style accepts
+        PromptStyle.check_order([Message(role, text) for role, text in out])
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+    if not any(role == "assistant" for role, _ in out):
+        raise UserInputError(f"{where}: the dialogue has no assistant turn to score")
+    return tuple(out)
+
+
+def _steps(dialogue: tuple[tuple[str, str], ...]) -> list[Turn]:
+    """One Turn per assistant turn: what came before it since the previous one, and the reference."""
+    steps, before = [], []
+    for role, text in dialogue:
+        if role == "assistant":
+            steps.append(Turn("\n".join(before), text))
+            before = []
+        else:
+            before.append(text)
+    return steps
 
 
 def load_manifest(folder: Path, split: str, canonical_task) -> tuple[list[EvalItem], Counter[str]]:

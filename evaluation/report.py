@@ -8,7 +8,7 @@ Output folder::
     confusion_classification.png   reference x predicted label counts (only with classification items)
 
 Table rows: one per group and metric (accuracy; WER and CER for transcription; format compliance
-for format tasks), then the overall rows. Intervals: Wilson for accuracies, item bootstrap
+for format tasks; right tool, arguments exact and schema-valid for tool-call steps), then the overall rows. Intervals: Wilson for accuracies, item bootstrap
 (1000 resamples, seed 0) for WER.
 """
 
@@ -38,11 +38,15 @@ def table_rows(results: EvalResults) -> list[tuple[str, str, str, str, str]]:
     """Rows of the results table (strings), groups in order of appearance, then the overall rows."""
     rows: list[tuple[str, str, str, str, str]] = []
     for group, m in results.metrics.items():
-        rows.append((group, m["metric"].upper() if m["metric"] == "wer" else m["metric"], str(m["n"]), _pct(m["value"]), _ci(m["ci95"])))
+        metric = m["metric"].upper() if m["metric"] == "wer" else m["metric"]
+        if group.startswith("task_calls"):
+            metric = "right tool or rightly none"
+        rows.append((group, metric, str(m["n"]), _pct(m["value"]), _ci(m["ci95"])))
         if "cer" in m:
             rows.append((group, "CER", str(m["n"]), _pct(m["cer"]["value"]), ""))
         if "compliance" in m:
             rows.append((group, "format compliance", str(m["n"]), _pct(m["compliance"]["value"]), _ci(m["compliance"]["ci95"])))
+        rows += _tool_call_rows(group, m)
     names = {
         "accuracy": "accuracy (all answers)", "accuracy_macro": "accuracy (mean over rows)",
         "format_compliance": "format compliance (all formats)", "format_accuracy": "format accuracy (all formats)",
@@ -51,7 +55,15 @@ def table_rows(results: EvalResults) -> list[tuple[str, str, str, str, str]]:
     for key, m in results.overall.items():
         n = f"{m['n']} rows" if key == "accuracy_macro" else str(m["n"])
         rows.append(("**overall**", names[key], n, _pct(m["value"]), _ci(m.get("ci95"))))
+        if key == "accuracy":
+            rows += _tool_call_rows("**overall**", m, "all ")
     return rows
+
+
+def _tool_call_rows(group: str, m: dict[str, Any], every: str = "") -> list[tuple[str, str, str, str, str]]:
+    """Rows for the tool-call measures of a group (task-calls suite): arguments and schema validity."""
+    names = {"arguments": f"arguments exact ({every}steps with calls)", "schema_valid": f"schema-valid ({every}steps the model called)"}
+    return [(group, names[key], str(m[key]["n"]), _pct(m[key]["value"]), _ci(m[key]["ci95"])) for key in names if key in m]
 
 
 def _transcriber(settings: dict | None) -> str:

@@ -5,6 +5,9 @@ turns are the model's own answers (turn k of every item in a batch is generated 
 clip is encoded once per item. With greedy decoding (the default) and a fixed seed the answers are
 deterministic.
 
+Tool-call episodes (suite task-calls, :mod:`~omnivox.evaluation.tool_calls`) are generated step by
+step with the item's tools offered, each step teacher-forced on the reference conversation before it.
+
 Before generating, every scorer is run on (reference, reference): a reference the scorer cannot read
 (no number for counting, no yes/no for presence, a JSON task without keys ...) fails the run at once,
 naming the item; a reference that does not score as correct against itself is logged as a warning.
@@ -23,6 +26,7 @@ import torch
 
 from omnivox.errors import UserInputError
 from omnivox.evaluation import metrics as M
+from omnivox.evaluation import tool_calls as TC
 from omnivox.evaluation.data import EvalItem, default_fixtures_dir, load_fixtures, load_manifest
 from omnivox.evaluation.tasks import (
     FORMATS,
@@ -116,8 +120,8 @@ def select(
         wanted = [
             it for it in loaded
             if TASKS[it.task].suite in parts
-            or ("multiturn" in parts and it.is_multi_turn)
-            or ("format" in parts and format_of(it.metadata) is not None)
+            or ("multiturn" in parts and it.is_multi_turn and not it.dialogue)
+            or ("format" in parts and format_of(it.metadata) is not None and not it.dialogue)
         ]  # fmt: skip
         items += _limit(wanted, limit)
     if "fixtures" in parts:
@@ -133,6 +137,11 @@ def select(
     for i, item in enumerate(items):
         spec = TASKS[item.task]
         fmt = format_of(item.metadata)
+        if item.dialogue:  # a tool-call episode: every assistant turn is a step, counted in each of its rows
+            planned += [_Planned(i, k, item.task, group, spec.metric, spec.scorer)
+                        for k, turn in enumerate(item.turns) for group in TC.groups(item.metadata, turn.answer)]  # fmt: skip
+            turns.append(len(item.turns))
+            continue
         if item.source == "fixtures":
             planned.append(_Planned(i, 0, item.task, FIXTURES_GROUP, spec.metric, spec.scorer))
         elif spec.suite in parts and spec.opener is None:
@@ -211,6 +220,7 @@ def generate_answers(
     settings,
     batch_size: int = 8,
     progress: bool = True,
+    call_max_new_tokens: int | None = None,
 ) -> list[list[str]]:
     """The model's answers to the first ``turns[i]`` questions of each item; later questions see the
     earlier answers. ``model`` is an :class:`~omnivox.agent.assistant.Assistant` (or anything with its
@@ -224,8 +234,13 @@ def generate_answers(
         raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     answers: list[list[str]] = [[] for _ in items]
     bar = tqdm(total=sum(turns), desc="eval", unit="answer", disable=not progress)
-    for start in range(0, len(items), batch_size):
-        batch = list(range(start, min(start + batch_size, len(items))))
+    episodes = [i for i, item in enumerate(items) if item.dialogue]
+    if episodes:
+        tokens = call_max_new_tokens or max(settings.max_new_tokens, TC.MIN_NEW_TOKENS)
+        _generate_steps(model, items, episodes, turns, settings.override(max_new_tokens=tokens), batch_size, answers, bar)
+    plain = [i for i, item in enumerate(items) if not item.dialogue]
+    for start in range(0, len(plain), batch_size):
+        batch = plain[start : start + batch_size]
         clips = {i: model.encode_clip(load_audio(items[i].audio).samples) for i in batch}
         for k in range(max(turns[i] for i in batch)):
             active = [i for i in batch if turns[i] > k]
@@ -241,6 +256,29 @@ def generate_answers(
             bar.update(len(active))
     bar.close()
     return answers
+
+
+def _generate_steps(model, items: Sequence[EvalItem], episodes: Sequence[int], turns: Sequence[int], settings,
+                    batch_size: int, answers: list[list[str]], bar) -> None:
+    """The first ``turns[i]`` steps of each tool-call episode, teacher-forced, batched over steps (each
+    conversation with its item's tools: ``tool_choice="auto"``). Answers are written as the reference
+    writes them (calls as ``<tool_call>`` text)."""
+    from omnivox.agent.audio import load_audio
+    from omnivox.agent.constrained import AnswerFormat
+
+    work = [(i, k) for i in episodes for k in range(turns[i])]
+    clips: dict[int, Any] = {}
+    for start in range(0, len(work), batch_size):
+        batch = work[start : start + batch_size]
+        needed = sorted({i for i, _ in batch})
+        clips = {i: clips[i] if i in clips else model.encode_clip(load_audio(items[i].audio).samples) for i in needed}
+        conversations = [TC.step_conversations(items[i].dialogue)[k] for i, k in batch]
+        formats = [AnswerFormat(tuple(TC.specs_of(items[i].metadata)), "auto") for i, _ in batch]
+        out = model.generate(conversations, [[clips[i]] for i, _ in batch], settings, formats=formats)
+        for (i, k), answer in zip(batch, out, strict=True):
+            assert len(answers[i]) == k, "steps of an episode are generated in order"
+            answers[i].append(TC.answer_text(answer))
+        bar.update(len(batch))
 
 
 def score(selection: Selection, answers: Sequence[Sequence[str]], labels: dict[str, list[str]]) -> list[ItemRecord]:
@@ -288,6 +326,11 @@ def aggregate_group(records: Sequence[ItemRecord]) -> dict[str, Any]:
     if any("compliant" in r.details for r in records):
         compliant = sum(bool(r.details.get("compliant")) for r in records)
         row["compliance"] = {"value": compliant / n, "ci95": list(M.wilson_interval(compliant, n)), "compliant": compliant}
+    for key, name in (("arguments_correct", "arguments"), ("schema_valid", "schema_valid")):  # tool-call steps
+        judged = [r.details[key] for r in records if r.details.get(key) is not None]
+        if judged:
+            good = sum(bool(v) for v in judged)
+            row[name] = {"n": len(judged), "value": good / len(judged), "ci95": list(M.wilson_interval(good, len(judged))), "correct": good}
     return row
 
 
@@ -380,14 +423,16 @@ def run_selection(
     model_name: str = "",
     seed: int = 0,
     progress: bool = True,
+    call_max_new_tokens: int | None = None,
 ) -> EvalResults:
     """Generate, score and aggregate with ``model`` (an :class:`~omnivox.agent.assistant.Assistant`);
     unless ``settings`` says otherwise, the model's own decoding (joint CTC transcripts included)
-    made greedy, with 64 new tokens, as ``omnivox eval`` does."""
+    made greedy, with 64 new tokens, as ``omnivox eval`` does. Tool-call steps may write long calls:
+    they get ``call_max_new_tokens`` (default: the settings' but at least 160)."""
     settings = settings or model.settings(max_new_tokens=64, num_beams=1, do_sample=False)
     labels = validate(selection)
     torch.manual_seed(seed)
-    answers = generate_answers(model, selection.items, selection.turns, settings, batch_size, progress)
+    answers = generate_answers(model, selection.items, selection.turns, settings, batch_size, progress, call_max_new_tokens)
     records = score(selection, answers, labels)
     per_group, overall = aggregate(records)
     conf = confusion(records)

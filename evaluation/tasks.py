@@ -25,6 +25,8 @@ spoken_qa                      the option named first is the reference)
 duration             accuracy  first numbers within max(0.5 s, 20 %); non-numeric: as spoken_qa
 multi_turn           per turn  opening turn as ``opener`` (transcription: WER); follow-ups "auto":
                                yes/no, number or phrase, by the reference's form
+task_calls           per step  the same tools as the reference (or rightly no call); also arguments exact
+                               and schema-valid calls (:mod:`omnivox.evaluation.tool_calls`)
 ==================== ========= =========================================================================
 
 Formats (``metadata["format"]``), each scored for compliance and correctness:
@@ -191,6 +193,14 @@ def score_auto(prediction: str, reference: str, metadata: Mapping[str, Any], lab
     return score_phrase(prediction, reference, metadata, labels)
 
 
+def score_task_call(prediction: str, reference: str, metadata: Mapping[str, Any], labels: Sequence[str]) -> Score:
+    """One step of a tool-call episode: right tool (``correct``), arguments, schema validity
+    (:func:`omnivox.evaluation.tool_calls.score_step`)."""
+    from omnivox.evaluation.tool_calls import score_step
+
+    return Score(*score_step(prediction, reference, metadata))
+
+
 # ----------------------------------------------------------------------- format checks
 # Format scorers see the raw answer; every other scorer sees its content (see ``content``).
 
@@ -292,6 +302,7 @@ TASKS: dict[str, TaskSpec] = {
     "duration": TaskSpec("qa", "accuracy", score_duration),
     "spoken_qa": TaskSpec("qa", "accuracy", score_phrase),
     "multi_turn": TaskSpec("multiturn", "accuracy", score_auto, opener="transcription"),
+    "task_calls": TaskSpec("task-calls", "accuracy", score_task_call),
 }
 
 
@@ -319,17 +330,21 @@ TASK_ALIASES: dict[str, str] = {
     "speaker_attributes": "speaker", "speaker_attribute": "speaker", "attributes": "speaker",
     "content_qa": "spoken_qa", "qa": "spoken_qa", "content_question": "spoken_qa",
     "multiturn": "multi_turn", "dialogue": "multi_turn",
+    "tool_calls": "task_calls", "tool_call": "task_calls", "task_call": "task_calls",
 }  # fmt: skip
 
 # Suites: each runs the tasks whose TaskSpec names it; "format" takes every item with a format in
-# FORMATS, "multiturn" every item with follow-up turns; "fixtures" runs the real speech clips.
-MANIFEST_SUITES = ("asr", "sound", "qa", "format", "multiturn")
+# FORMATS, "multiturn" every item with follow-up turns (not tool-call episodes); "fixtures" runs the
+# real speech clips.
+MANIFEST_SUITES = ("asr", "sound", "qa", "format", "multiturn", "task-calls")
 SUITES: dict[str, str] = {
     "asr": "transcription: corpus WER and CER after Whisper's English normaliser",
     "sound": "sound classification (accuracy, confusion matrix) and captioning (label keyword match)",
     "qa": "counting, order, event list, presence, speaker, loudness, duration, spoken QA: accuracy",
     "format": "answers asked as a bare word / JSON / list: format compliance and correctness",
     "multiturn": "follow-up questions answered in context: accuracy per turn (opening transcription: WER)",
+    "task-calls": "tools offered, each step of an episode teacher-forced: right tool or rightly none, arguments "
+                  "exact, schema-valid calls; per family and for held-out tools",
     "fixtures": "the real speech clips of ../shared/fixtures/speech, 'Transcribe the speech.': WER",
     "all": "every suite above",
 }

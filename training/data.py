@@ -8,7 +8,18 @@ JSON object per line::
 
 ``audio`` is relative to the manifest's folder; ``turns`` (optional) are follow-up
 questions about the same clip. Labels are the answer tokens plus the stop token of every
-trained assistant turn; prompt and audio positions are ``-100``.
+trained assistant turn; prompt, audio, system and tool positions are ``-100``.
+
+A row may also carry a ``system`` turn and write its dialogue as role turns (tool-call items,
+``datagen/task_calls.py``)::
+
+    {"system": "You can call these tools. ...", "instruction": "Trim clip-1 ...", "answer": "<tool_call>...",
+     "turns": [{"role": "user", "content": "Trim clip-1 ..."}, {"role": "assistant", "content": "<tool_call>..."},
+               {"role": "tool", "content": "{\"name\": \"trim\", ...}"}, {"role": "assistant", "content": "Done ..."}],
+     "metadata": {"tools": [{"name": ..., "description": ..., "parameters": {...}}], ...}}
+
+The clip goes with the first user turn; when tools are offered (``metadata["tools"]``) it is
+labelled ``clip-1``, as the assistant labels clips when it offers tools.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ import torch
 from omnivox.agent.processor import OmnivoxProcessor
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message
+from omnivox.prompts.styles import PromptStyle
+from omnivox.prompts.tools import clip_label
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,9 @@ class ManifestItem:
         audio: the path as written in the manifest (relative to its folder); names the clip.
         path: the audio file on disk.
         turns: (instruction, answer) pairs; the first is the item's own.
+        system: the system turn ("" for none).
+        dialogue: (role, text) of every turn when the row writes role turns (user, assistant,
+            tool), else empty and ``turns`` is the conversation.
     """
 
     audio: str
@@ -48,13 +64,29 @@ class ManifestItem:
     task: str
     turns: tuple[tuple[str, str], ...]
     metadata: dict = field(default_factory=dict, compare=False)
+    system: str = ""
+    dialogue: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def offers_tools(self) -> bool:
+        return bool(self.metadata.get("tools"))
 
     def messages(self, multi_turn: bool) -> list[Message]:
-        """The conversation: the clip in the first user turn, then the assistant answers."""
-        turns = self.turns if multi_turn else self.turns[:1]
-        out: list[Message] = []
-        for i, (instruction, answer) in enumerate(turns):
-            out += [Message("user", instruction, num_audio=1 if i == 0 else 0), Message("assistant", answer)]
+        """The conversation: the system turn if any, the clip in the first user turn, then the rest.
+        Without ``multi_turn`` it ends at the first assistant turn."""
+        labels = (clip_label(0),) if self.offers_tools else ()
+        out = [Message("system", self.system)] if self.system else []
+        if self.dialogue:
+            end = next(k for k, (role, _) in enumerate(self.dialogue) if role == "assistant")
+            turns = self.dialogue if multi_turn else self.dialogue[: end + 1]
+            for k, (role, text) in enumerate(turns):
+                out.append(Message("user", text, num_audio=1, audio_labels=labels) if k == 0 else Message(role, text))
+            return out
+        turns_ = self.turns if multi_turn else self.turns[:1]
+        for i, (instruction, answer) in enumerate(turns_):
+            first = i == 0
+            out += [Message("user", instruction, num_audio=int(first), audio_labels=labels if first else ()),
+                    Message("assistant", answer)]
         return out
 
 
@@ -75,10 +107,15 @@ def read_manifest(path: Path) -> list[ManifestItem]:
         if missing:
             raise UserInputError(f"{where}: missing or non-string field(s) {missing}")
         turns = [(row["instruction"], row["answer"])]
-        for j, turn in enumerate(row.get("turns") or []):
+        raw_turns = row.get("turns") or []
+        dialogue = _dialogue(raw_turns, where) if raw_turns and isinstance(raw_turns[0], dict) and "role" in raw_turns[0] else ()
+        for j, turn in enumerate(() if dialogue else raw_turns):
             if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("instruction", "answer")):
                 raise UserInputError(f"{where}: turns[{j}] needs string 'instruction' and 'answer'")
             turns.append((turn["instruction"], turn["answer"]))
+        system = row.get("system") or ""
+        if not isinstance(system, str):
+            raise UserInputError(f"{where}: 'system' should be a string, got {type(system).__name__}")
         audio_path = (path.parent / row["audio"]).resolve()
         items.append(
             ManifestItem(
@@ -88,9 +125,27 @@ def read_manifest(path: Path) -> list[ManifestItem]:
                 task=str(row.get("task", "")),
                 turns=tuple(turns),
                 metadata=row.get("metadata") or {},
+                system=system,
+                dialogue=dialogue,
             )
         )
     return items
+
+
+def _dialogue(turns: list, where: str) -> tuple[tuple[str, str], ...]:
+    """Role turns -> (role, text) pairs, checked: user first, roles in a valid order, an assistant turn last."""
+    out = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ("user", "assistant", "tool") or not isinstance(turn.get("content"), str):
+            raise UserInputError(f"{where}: turns[{j}] needs 'role' (user, assistant or tool) and string 'content', got {turn!r}"[:300])
+        out.append((turn["role"], turn["content"]))
+    try:
+        PromptStyle.check_order([Message(role, text) for role, text in out])
+    except UserInputError as err:
+        raise UserInputError(f"{where}: {err}") from None
+    if out[-1][0] != "assistant":
+        raise UserInputError(f"{where}: the last turn should be an assistant turn, got {out[-1][0]!r}")
+    return tuple(out)
 
 
 def load_split(
@@ -196,8 +251,7 @@ def _tokenize_segments(processor: OmnivoxProcessor, segments, counts: list[int])
 # ----------------------------------------------------------------------------- batching
 def estimate_length(item: ManifestItem, tokens_per_second: float, multi_turn: bool) -> int:
     """A rough sequence length (audio tokens + ~4 characters per text token) for bucketing."""
-    turns = item.turns if multi_turn else item.turns[:1]
-    text = sum(len(a) + len(b) for a, b in turns)
+    text = sum(len(m.text) for m in item.messages(multi_turn))
     return int(item.duration * tokens_per_second) + text // 4
 
 
