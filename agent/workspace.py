@@ -59,9 +59,13 @@ class Workspace:
     Args:
         root: the only directory tools may read from and write to; None: a new temporary one.
         write_artifacts: write every clip a tool makes into ``root`` as ``<id>.<format>``.
+        max_items: most clips held in memory (a long-running server's workspace); past it the
+            oldest are dropped (their files stay) and asking for them says so.
     """
 
-    def __init__(self, root: str | Path | None = None, write_artifacts: bool = True) -> None:
+    def __init__(self, root: str | Path | None = None, write_artifacts: bool = True, max_items: int = 256) -> None:
+        if max_items < 1:
+            raise UserInputError(f"max_items must be >= 1, got {max_items}")
         if root is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="omnivox-workspace-")
             root = self._tmp.name
@@ -70,7 +74,9 @@ class Workspace:
             raise UserInputError(f"the allowed directory {str(root)!r} does not exist or is not a directory")
         self.root = root.resolve()
         self.write_artifacts = write_artifacts
+        self.max_items = max_items
         self._items: dict[str, AudioArtifact] = {}
+        self._dropped: set[str] = set()
         self._counts = {"clip": 0, "audio": 0}
 
     # ------------------------------------------------------------------ paths
@@ -95,10 +101,23 @@ class Workspace:
         self._counts[kind] += 1
         return f"{kind}-{self._counts[kind]}"
 
+    def _hold(self, item: AudioArtifact) -> None:
+        self._items[item.id] = item
+        while len(self._items) > self.max_items:
+            oldest = next(iter(self._items))
+            del self._items[oldest]
+            self._dropped.add(oldest)
+
+    def forget(self, ref: str) -> None:
+        """Drop a clip from memory (a file written for it stays)."""
+        item = self.get(ref)
+        del self._items[item.id]
+        self._dropped.add(item.id)
+
     def add_clip(self, samples: np.ndarray, sample_rate: int = 16000, note: str = "") -> str:
         """Hold a clip the user gave; its id is the next ``clip-N``."""
         clip_id = self._next_id("clip")
-        self._items[clip_id] = AudioArtifact(clip_id, np.asarray(samples, dtype=np.float32), sample_rate, note)
+        self._hold(AudioArtifact(clip_id, np.asarray(samples, dtype=np.float32), sample_rate, note))
         return clip_id
 
     def add_file(self, path: str | os.PathLike) -> str:
@@ -119,12 +138,14 @@ class Workspace:
             path = self.root / f"{audio_id}.{format}"
             write_audio(path, samples, sample_rate, format)
         artifact = AudioArtifact(audio_id, samples, sample_rate, note, path, format)
-        self._items[audio_id] = artifact
+        self._hold(artifact)
         return artifact
 
     def get(self, ref: str) -> AudioArtifact:
         """The audio called ``ref`` (``clip-1``, ``audio-2`` or ``<GENERATED>-audio-2``)."""
         match = ID.match(ref.strip()) if isinstance(ref, str) else None
+        if match is not None and match.group(1) in self._dropped:
+            raise UserInputError(f"{match.group(1)} was dropped from memory (the workspace keeps the last {self.max_items} clips)")
         if match is None or match.group(1) not in self._items:
             held = ", ".join(self._items) or "none"
             raise UserInputError(f"no audio called {ref!r}; the workspace holds: {held}")

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from omnivox.agent.builtin_tools import measure_audio  # the same numbers the real tool reports
 from omnivox.datagen.sounds import COUNTABLE, SR, SoundEvent, make_sound
 from omnivox.datagen.tasks import (
     LABEL_PHRASE,
@@ -747,25 +748,6 @@ class Output:
 
     text: str
     data: dict[str, Any] = field(default_factory=dict)
-
-
-def measure_audio(samples: np.ndarray, sample_rate: int) -> dict[str, float | int | None]:
-    """As ``agent.builtin_tools.measure_audio``: duration, sample rate, loudness (LUFS; None under 0.4 s
-    or for silence), peak and RMS (dBFS)."""
-    import pyloudnorm
-
-    peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
-    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if len(samples) else 0.0
-    loudness = None
-    if len(samples) >= int(0.4 * sample_rate) and peak > 0:
-        value = pyloudnorm.Meter(sample_rate).integrated_loudness(samples.astype(np.float64))
-        loudness = round(float(value), 1) if np.isfinite(value) else None
-
-    def db(x: float) -> float | None:
-        return round(20 * np.log10(x), 1) if x > 0 else None
-
-    return {"duration": round(len(samples) / sample_rate, 2), "sample_rate": sample_rate, "loudness_lufs": loudness,
-            "peak_dbfs": db(peak), "rms_dbfs": db(rms)}
 
 
 def _window(clip: Audio, start: float, end: float) -> list[dict[str, Any]]:

@@ -53,7 +53,6 @@ from omnivox.agent.model import OmnivoxModel, WindowFeatures
 from omnivox.agent.processor import OmnivoxProcessor, TokenizedPrompt
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.evaluation.metrics import word_edits
-from omnivox.prompts import Message
 from omnivox.training.build import (
     DTYPES,
     build_model,
@@ -492,7 +491,7 @@ class Trainer:
             save_file(state, folder / CTC_HEAD_FILE)
 
     def _write_samples(self, items: Sequence[ManifestItem]) -> None:
-        settings = GenerationSettings.greedy(max_new_tokens=48)
+        settings = GenerationSettings.greedy(max_new_tokens=64)
         rows = []
         for item in items:
             with self._autocast():
@@ -502,9 +501,13 @@ class Trainer:
                                  "reference": transcript_of(item.metadata), "answer": self._ctc_text(tokens)})  # fmt: skip
                     log.info("step %d | %s | CTC -> %r (reference %r)", self.step, item.audio, rows[-1]["answer"], rows[-1]["reference"])
                     continue
-                answer = self.model.generate([[Message("user", item.turns[0][0], num_audio=1)]], [[tokens]], settings)[0].text
-            rows.append({"step": self.step, "audio": item.audio, "instruction": item.turns[0][0], "reference": item.turns[0][1], "answer": answer})
-            log.info("step %d | %s | %s -> %r (reference %r)", self.step, item.audio, item.turns[0][0], answer, item.turns[0][1])
+                # the conversation up to its first answer (with the item's system turn: tools, when it offers them)
+                conversation = item.messages(multi_turn=False)
+                prompt, reference = conversation[:-1], conversation[-1].text
+                answer = self.model.generate([prompt], [[tokens]], settings)[0].text
+            instruction = next(m.text for m in prompt if m.role == "user")
+            rows.append({"step": self.step, "audio": item.audio, "instruction": instruction, "reference": reference, "answer": answer})
+            log.info("step %d | %s | %s -> %r (reference %r)", self.step, item.audio, instruction, answer, reference)
         with open(self.out_dir / "samples.jsonl", "a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")

@@ -139,6 +139,13 @@ def test_workspace_paths_stay_inside(tmp_path):
         ws.get("/etc/passwd")
     with pytest.raises(UserInputError, match="does not exist"):
         Workspace(tmp_path / "nope")
+    small = Workspace(root, max_items=2)
+    ids = [small.add_clip(tiny.tone_clip(0.1)) for _ in range(3)]
+    assert small.ids == ids[1:]
+    with pytest.raises(UserInputError, match="clip-1 was dropped from memory"):
+        small.get("clip-1")
+    small.forget("clip-2")
+    assert small.ids == ["clip-3"]
 
 
 def test_builtin_tools_on_real_signals(tmp_path):
