@@ -147,12 +147,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from omnivox.agent.server import serve
+    from omnivox.agent.server import ServerLimits, serve
 
     if not 0 < args.port < 65536:
         raise UserInputError(f"--port must be from 1 to 65535, got {args.port}")
+    limits = ServerLimits(
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        max_audio_seconds=args.max_audio_seconds,
+        max_tokens=args.max_tokens,
+    )
     assistant = load_model_for_cli(args)
-    serve(assistant, model_folder(args).resolve().name, host=args.host, port=args.port, api_key=args.api_key)
+    serve(assistant, model_folder(args).resolve().name, host=args.host, port=args.port, api_key=args.api_key,
+          limits=limits)  # fmt: skip
     return 0
 
 
@@ -218,6 +227,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from omnivox.agent.mcp_server import create_server, run_server, stdout_to_stderr
+    from omnivox.agent.workspace import Workspace
+
+    if not 0 < args.port < 65536:
+        raise UserInputError(f"--port must be from 1 to 65535, got {args.port}")
+    workspace = Workspace(args.allowed_dir)  # checked before a big model loads; None: a temporary one
+    with stdout_to_stderr(args.transport):  # the model loads now, before the first client connects
+        assistant = load_model_for_cli(args)
+    server = create_server(assistant, workspace, paths=args.allowed_dir is not None)
+    run_server(server, args.transport, host=args.host, port=args.port)
+    return 0
+
+
 def model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="omnivox model folder (default: the bundled nano model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -252,6 +275,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="most answers decoded in one batch (default 8)")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="how long a request waits for others to batch with (default 10 ms)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="most requests waiting for the model; more are answered 429 with Retry-After (default 64)")
+    serve.add_argument("--request-timeout", type=float, default=300.0,
+                       help="seconds a request may take, queue included; later is 504 (default 300)")
+    serve.add_argument("--max-audio-seconds", type=float, default=600.0, help="longest clip accepted (default 600 s)")
+    serve.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask (default 2048)")
     serve.set_defaults(func=cmd_serve)
 
     agent = sub.add_parser("agent", help="work on a goal with tools (transcribe, trim, mix, ...): calls, results, answer")
@@ -305,6 +337,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="destination folder (its other files are kept)")
     export.add_argument("--generation", help='default decoding to store, as JSON, e.g. \'{"num_beams": 1}\'')
     export.set_defaults(func=cmd_export)
+
+    mcp = sub.add_parser("mcp", help="MCP server: transcribe, ask and the audio tools for MCP clients")
+    model_flags(mcp)
+    mcp.add_argument("--transport", choices=("stdio", "http"), default="stdio",
+                     help="stdio (default: the client starts this command) or http (Streamable HTTP at /mcp)")  # fmt: skip
+    mcp.add_argument("--host", default="127.0.0.1", help="address to bind with --transport http (default: this machine only)")
+    mcp.add_argument("--port", type=int, default=8001, help="port with --transport http (default 8001)")
+    mcp.add_argument("--allowed-dir", default=None, metavar="DIR",
+                     help="the only directory whose files tools read, and where audio they make is written "
+                          "(default: none; clients send audio as base64)")  # fmt: skip
+    mcp.set_defaults(func=cmd_mcp)
 
     bench = sub.add_parser("bench", help="measure encoding, time to first token, decode speed, memory")
     model_flags(bench)
