@@ -21,16 +21,21 @@ Pipeline:
    mean of all channels (``channel="mean"``).
 4. Resample to 16 kHz with soxr (``"HQ"`` quality).
 
-Long audio is cut into model windows by :func:`split_windows`.
+Long audio is cut into model windows by :func:`split_windows`. Audio sent as text (base64 in a
+JSON body or a tool argument, or a ``data:`` URL) becomes a file's bytes with :func:`base64_bytes`
+and :func:`data_url_bytes`, which check it just as strictly before :func:`load_audio` sees it.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -82,6 +87,11 @@ _INT_PCM: dict[np.dtype, tuple[float, float]] = {
 }
 
 AudioSource = str | os.PathLike[str] | bytes | bytearray | memoryview | np.ndarray | Any  # Any: torch.Tensor
+
+# data:[<type>/<subtype>][;<parameter>]*,<data> (RFC 2397; the scheme is case-insensitive)
+DATA_URL = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL | re.IGNORECASE
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,6 +253,64 @@ def split_windows(num_samples: int, window: int, overlap: int) -> list[tuple[int
             break
         start += hop
     return windows
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio sent as text: base64 and data URLs (nothing is ever downloaded).
+
+
+def base64_bytes(data: Any, where: str, max_chars: int | None = None) -> bytes:
+    """The file bytes that base64 text ``data`` holds; whitespace (line breaks) in it is ignored.
+
+    Args:
+        data: the base64 text, as received (anything else is refused).
+        where: which input it is, for messages (e.g. ``"audio_base64"``, a JSON path).
+        max_chars: most characters taken (None: no limit), checked before decoding.
+
+    Raises:
+        AudioInputError: ``data`` is not a non-empty string, is too long, is not valid base64
+            (strict alphabet and padding), or holds no bytes; the message starts with ``where``.
+    """
+    if not isinstance(data, str) or not data.strip():
+        shown = "an empty string" if isinstance(data, str) else type(data).__name__
+        raise AudioInputError(f"{where}: the audio must be a non-empty base64 string, got {shown}")
+    if max_chars is not None and len(data) > max_chars:
+        raise AudioInputError(f"{where}: {len(data)} base64 characters, more than the {max_chars} taken")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError) as err:  # ValueError: characters outside ASCII
+        raise AudioInputError(f"{where}: the audio is not valid base64 ({err})") from None
+    if not raw:
+        raise AudioInputError(f"{where}: no audio bytes")
+    return raw
+
+
+def data_url_bytes(url: Any, where: str, max_chars: int | None = None) -> tuple[bytes, str | None]:
+    """The file bytes and MIME type (None when it names none) of ``data:<type>;base64,<data>``.
+
+    Only base64 data URLs are read: other URLs are refused, never downloaded.
+
+    Args:
+        url: the URL, as received (surrounding whitespace is ignored).
+        where: which input it is, for messages.
+        max_chars: most base64 characters taken (see :func:`base64_bytes`).
+
+    Raises:
+        AudioInputError: not a data URL, not a base64 one, or its data is not usable base64.
+    """
+    if not isinstance(url, str):
+        raise AudioInputError(f"{where}: an audio URL must be a string, got {type(url).__name__}")
+    match = DATA_URL.match(url.strip())
+    if match is None or ";base64" not in match.group("params").lower():
+        shown = repr(url[:40] + ("..." if len(url) > 40 else ""))
+        if url.strip()[:5].lower() == "data:":
+            raise AudioInputError(
+                f"{where}: must be a base64 data URL, data:<type>;base64,<data>, got {shown}"
+            )
+        raise AudioInputError(
+            f"{where}: audio URLs must be data URLs (data:audio/wav;base64,...); nothing is downloaded, got {shown}"
+        )
+    return base64_bytes(match.group("data"), where, max_chars), match.group("mime")
 
 
 # ---------------------------------------------------------------------------------------------

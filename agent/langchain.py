@@ -56,12 +56,10 @@ artifact of a ``response_format="content_and_artifact"`` tool.
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import json
 import logging
 import queue
-import re
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -93,6 +91,8 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import Field, PrivateAttr, SecretStr, model_validator
 
+from omnivox.agent.audio import base64_bytes, data_url_bytes
+from omnivox.agent.streaming import StopText
 from omnivox.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -122,7 +122,6 @@ AI_RECORD_BLOCKS = ("tool_use", "tool_call", "tool_call_chunk", "invalid_tool_ca
                     "server_tool_result", "reasoning", "thinking")  # fmt: skip
 CALL_OPTIONS = ("tools", "tool_choice", "response_format", "parallel_tool_calls", "temperature", "max_tokens",
                 "top_p", "seed", "model")  # fmt: skip
-DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,18 +204,6 @@ class Turn:
         return "\n".join(t for t in self.texts if t.strip())
 
 
-def _base64_bytes(data: Any, where: str) -> bytes:
-    if not isinstance(data, str) or not data.strip():
-        raise UserInputError(f"{where}: the audio must be a non-empty base64 string")
-    try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise UserInputError(f"{where}: the audio is not valid base64") from None
-    if not raw:
-        raise UserInputError(f"{where}: no audio bytes")
-    return raw
-
-
 def _format_of(mime: str | None) -> str | None:
     if not mime:
         return None
@@ -225,13 +212,8 @@ def _format_of(mime: str | None) -> str | None:
 
 def data_url_audio(url: str, where: str) -> AudioPart:
     """The audio in a ``data:<type>;base64,<data>`` URL (nothing else: no download, no file)."""
-    match = DATA_URL.match(url.strip()) if isinstance(url, str) else None
-    if match is None or ";base64" not in match.group("params").lower():
-        shown = url[:40] if isinstance(url, str) else type(url).__name__
-        raise UserInputError(
-            f"{where}: audio URLs must be data URLs (data:audio/wav;base64,...); nothing is downloaded, got {shown!r}"
-        )
-    return AudioPart(_base64_bytes(match.group("data"), where), _format_of(match.group("mime")), where)
+    data, mime = data_url_bytes(url, where)
+    return AudioPart(data, _format_of(mime), where)
 
 
 def read_audio_block(block: Mapping[str, Any], where: str) -> AudioPart:
@@ -241,16 +223,16 @@ def read_audio_block(block: Mapping[str, Any], where: str) -> AudioPart:
         inner = block.get("input_audio")
         if not isinstance(inner, Mapping):
             raise UserInputError(f"{where}: an input_audio block needs input_audio: {{data, format}}")
-        return AudioPart(_base64_bytes(inner.get("data"), where), _format_of(inner.get("format")), where)
+        return AudioPart(base64_bytes(inner.get("data"), where), _format_of(inner.get("format")), where)
     if kind == "audio_url":
         inner = block.get("audio_url")
         url = inner.get("url") if isinstance(inner, Mapping) else inner
         return data_url_audio(url, where)
     mime = block.get("mime_type")
     if block.get("base64") is not None:
-        return AudioPart(_base64_bytes(block["base64"], where), _format_of(mime), where)
+        return AudioPart(base64_bytes(block["base64"], where), _format_of(mime), where)
     if block.get("source_type") == "base64":  # LangChain v0 blocks
-        return AudioPart(_base64_bytes(block.get("data"), where), _format_of(mime), where)
+        return AudioPart(base64_bytes(block.get("data"), where), _format_of(mime), where)
     if block.get("url") is not None:  # v1 and v0 URL blocks
         return data_url_audio(block["url"], where)
     raise UserInputError(f"{where}: an audio block needs base64 data or a data URL (file ids are not read)")
@@ -456,31 +438,6 @@ class Options:
     tool_choice: str
     response_format: dict[str, Any] | None
     parallel_tool_calls: bool | None
-
-
-class StopText:
-    """Cuts text at the first ``stop`` string, also when it arrives in pieces (held back until sure)."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop = [s for s in stop if s]
-        self.held = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.held += piece
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.held, self.stopped = self.held[: min(hits)], "", True
-            return out
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return "" if self.stopped else out
 
 
 def _usage(prompt_tokens: int, answer_tokens: int, audio_tokens: int) -> UsageMetadata:
@@ -1042,7 +999,7 @@ def _hold(workspace: Any, audio: str | None, audio_base64: str | None, paths: bo
     if (audio is None) == (audio_base64 is None):
         raise UserInputError(f"give the clip as one of audio and audio_base64 ({'both' if audio else 'neither'} given)")
     if audio_base64 is not None:
-        part = AudioPart(_base64_bytes(audio_base64, "audio_base64"), None, "audio_base64")
+        part = AudioPart(base64_bytes(audio_base64, "audio_base64"), None, "audio_base64")
     elif audio.strip().startswith("data:"):
         part = data_url_audio(audio, "audio")
     elif not paths:

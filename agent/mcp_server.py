@@ -36,12 +36,9 @@ meanwhile sent to stderr: stdout is the protocol); Streamable HTTP takes request
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import copy
 import logging
-import re
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -53,7 +50,7 @@ from mcp.server.mcpserver.tools.base import Tool as MCPServerTool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetadata
 from mcp_types import CallToolResult, TextContent
 
-from omnivox.agent.audio import load_audio
+from omnivox.agent.audio import base64_bytes, data_url_bytes, load_audio
 from omnivox.agent.builtin_tools import ClipId, Question, builtin_tools
 from omnivox.agent.tools import Tool, ToolArgumentError, ToolError, ToolRegistry, ToolResult, tool
 from omnivox.agent.workspace import ID, Workspace, audio_bytes
@@ -76,7 +73,6 @@ MAX_BASE64_CHARS = 96 * 1024 * 1024
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 # Audio content MIME types by workspace format (the MCP helper would say "audio/mp3")
 MIME_FORMAT = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mpeg"}
-DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*),(?P<data>.*)$", re.DOTALL)
 
 Transport = Literal["stdio", "http"]
 AudioReference = Annotated[str, pydantic.Field(min_length=1)]
@@ -100,7 +96,7 @@ class AudioInputs:
         if ID.match(text):
             return self.workspace.get(text).id  # raises, listing the ids held, when it is not held
         if text.startswith("data:"):
-            return self.hold_bytes(_data_url_bytes(text, field), f"{field} (data URL)")
+            return self.hold_bytes(data_url_bytes(text, field, MAX_BASE64_CHARS)[0], f"{field} (data URL)")
         if not self.paths:
             raise UserInputError(
                 f"{field}: {_short(reference)!r} is not an audio id or a data URL, and this server reads no paths "
@@ -112,7 +108,7 @@ class AudioInputs:
             raise UserInputError(f"{field}: {err}") from None
 
     def hold_base64(self, data: str, field: str = "audio_base64") -> str:
-        return self.hold_bytes(_base64_bytes(data, field), field)
+        return self.hold_bytes(base64_bytes(data, field, MAX_BASE64_CHARS), field)
 
     def hold_bytes(self, data: bytes, name: str) -> str:
         return self.workspace.add_clip(load_audio(data, name=name).samples, 16000, note=name)
@@ -129,29 +125,6 @@ class AudioInputs:
 
 def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _base64_bytes(data: str, field: str) -> bytes:
-    if len(data) > MAX_BASE64_CHARS:
-        raise UserInputError(
-            f"{field}: {len(data)} base64 characters, more than the {MAX_BASE64_CHARS} taken"
-        )
-    try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise UserInputError(f"{field}: not valid base64") from None
-    if not raw:
-        raise UserInputError(f"{field}: no audio bytes")
-    return raw
-
-
-def _data_url_bytes(url: str, field: str) -> bytes:
-    match = DATA_URL.match(url)
-    if match is None or ";base64" not in match.group("params").lower():
-        raise UserInputError(
-            f"{field}: a data URL must be data:<type>;base64,<data>, got {_short(url, 40)!r}"
-        )
-    return _base64_bytes(match.group("data"), field)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,8 +31,6 @@ answered by the one model, whose name the response carries.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import contextlib
 import hmac
@@ -55,9 +53,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from omnivox.agent.assistant import Assistant, offer_tools
-from omnivox.agent.audio import load_audio
+from omnivox.agent.audio import base64_bytes, data_url_bytes, load_audio
 from omnivox.agent.constrained import TOOL_CHOICES, AnswerFormat, answer_grammar
 from omnivox.agent.generation import Generation, GenerationSettings
+from omnivox.agent.streaming import StopText
 from omnivox.agent.tools import Tool
 from omnivox.agent.web import add_web_routes
 from omnivox.errors import UserInputError
@@ -237,11 +236,14 @@ def load_clip(raw: bytes, name: str, max_seconds: float, param: str) -> tuple[np
     return clip.samples, clip.duration
 
 
-def _base64(data: str, param: str) -> bytes:
+def _audio_bytes(data: Any, param: str) -> bytes:
+    """The file bytes of base64 text or a base64 ``data:`` URL; 400 naming ``param`` if unusable."""
     try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise APIError(400, f"{param} is not valid base64", param=param) from None
+        if isinstance(data, str) and data[:5].lower() == "data:":
+            return data_url_bytes(data, param)[0]
+        return base64_bytes(data, param)
+    except UserInputError as err:
+        raise APIError(400, str(err), param=param) from None
 
 
 def _decode_audio_part(part: dict[str, Any], where: str, max_seconds: float) -> np.ndarray:
@@ -250,16 +252,12 @@ def _decode_audio_part(part: dict[str, Any], where: str, max_seconds: float) -> 
         raise APIError(
             400, f"{where}.input_audio must be an object with data and format", param=f"{where}.input_audio"
         )
-    fmt, data = audio.get("format"), audio.get("data")
+    fmt = audio.get("format")
     if fmt not in AUDIO_FORMATS:
         raise APIError(400, f"{where}.input_audio.format must be one of {list(AUDIO_FORMATS)}, got {_show(fmt)}",
                        param=f"{where}.input_audio.format")  # fmt: skip
-    param = f"{where}.input_audio.data"
-    if not isinstance(data, str) or not data:
-        raise APIError(400, f"{param} must be a non-empty base64 string", param=param)
-    if data.startswith("data:") and "," in data:  # a data URL
-        data = data.split(",", 1)[1]
-    return load_clip(_base64(data, param), f"{where}.input_audio", max_seconds, param)[0]
+    param = f"{where}.input_audio.data"  # base64, or a data URL
+    return load_clip(_audio_bytes(audio.get("data"), param), f"{where}.input_audio", max_seconds, param)[0]
 
 
 def _decode_audio_url_part(part: dict[str, Any], where: str, max_seconds: float) -> np.ndarray:
@@ -273,13 +271,7 @@ def _decode_audio_url_part(part: dict[str, Any], where: str, max_seconds: float)
         scheme = url.split(":", 1)[0] if ":" in url[:16] else "no scheme"
         raise APIError(400, f"{param}: only data URLs (data:audio/...;base64,...) are accepted; this server never "
                             f"fetches URLs, got one with {_show(scheme, 20)}", param=param, code="invalid_url")  # fmt: skip
-    head, comma, data = url.partition(",")
-    head = head.lower()
-    if not comma or not head.endswith(";base64"):
-        raise APIError(400, f"{param} must be a base64 data URL (data:audio/wav;base64,...)", param=param)
-    if not data:
-        raise APIError(400, f"{param} holds no audio", param=param)
-    return load_clip(_base64(data, param), f"{where}.audio_url", max_seconds, param)[0]
+    return load_clip(_audio_bytes(url, param), f"{where}.audio_url", max_seconds, param)[0]
 
 
 def _read_content(
@@ -886,35 +878,6 @@ class MetricsMiddleware:
 
 # ---------------------------------------------------------------------------------------------
 # Writing responses
-
-
-class StopText:
-    """Cuts text at the first of the ``stop`` strings, also when it arrives in pieces.
-
-    :meth:`feed` returns what is safe to send: text that might be the start of a stop string is
-    held back until the next piece shows whether it is.
-    """
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop = list(stop)
-        self.held = ""
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        self.held += piece
-        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.held, self.stopped = self.held[: min(hits)], "", True
-            return out
-        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
-        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.held = self.held, ""
-        return "" if self.stopped else out
 
 
 def _usage(result: JobResult) -> dict[str, Any]:

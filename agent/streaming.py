@@ -6,12 +6,14 @@ decoded as a whole each step, and only text that later tokens cannot change is p
 :meth:`TextStreamer.on_finalized_text` (up to a newline, CJK characters, whole letters / digits /
 spaces, else up to the last space, which also holds back a half-decoded UTF-8 character).
 It works with any generate that calls ``put(ids)`` / ``end()`` (``agent/llama.py``'s and
-transformers'), and any tokenizer with ``decode(ids, **kwargs)``.
+transformers'), and any tokenizer with ``decode(ids, **kwargs)``. :class:`StopText` cuts streamed
+text at ``stop`` strings (the server's and the LangChain model's ``stop``).
 """
 
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -96,3 +98,33 @@ class TextStreamer:
             or 0xF900 <= cp <= 0xFAFF
             or 0x2F800 <= cp <= 0x2FA1F
         )
+
+
+class StopText:
+    """Cuts text at the first of the ``stop`` strings, also when it arrives in pieces.
+
+    :meth:`feed` returns what is safe to send: text that might be the start of a stop string is
+    held back until the next piece shows whether it is. Empty stop strings are ignored.
+    """
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.held += piece
+        hits = [i for i in (self.held.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.held, self.stopped = self.held[: min(hits)], "", True
+            return out
+        keep = max((k for s in self.stop for k in range(1, len(s)) if self.held.endswith(s[:k])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """What is still held back (nothing once a stop string was found)."""
+        out, self.held = self.held, ""
+        return "" if self.stopped else out

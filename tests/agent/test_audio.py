@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,14 @@ import pytest
 import soundfile as sf
 import torch
 
-from omnivox.agent.audio import TARGET_SAMPLE_RATE, Audio, load_audio, split_windows
+from omnivox.agent.audio import (
+    TARGET_SAMPLE_RATE,
+    Audio,
+    base64_bytes,
+    data_url_bytes,
+    load_audio,
+    split_windows,
+)
 from omnivox.encoders.base import SAMPLE_RATE
 from omnivox.errors import AudioInputError, UserInputError
 
@@ -457,6 +466,67 @@ def test_split_windows_covers_in_order() -> None:
 def test_split_windows_rejects(args: tuple[int, int, int], fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         split_windows(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# base64 and data URLs
+
+
+def test_base64_bytes_decodes_and_ignores_line_breaks() -> None:
+    raw = bytes(range(256)) * 3
+    text = base64.b64encode(raw).decode()
+    assert base64_bytes(text, "audio_base64") == raw
+    assert base64_bytes(" " + "\n".join(text[i : i + 76] for i in range(0, len(text), 76)) + "\n", "x") == raw
+
+
+@pytest.mark.parametrize(
+    "data, max_chars, fragment",
+    [
+        ("", None, "non-empty base64 string, got an empty string"),
+        (" \n", None, "non-empty base64 string"),
+        (None, None, "non-empty base64 string, got NoneType"),
+        (b"AAAA", None, "got bytes"),
+        ("@@not base64@@", None, "not valid base64"),
+        ("AAA", None, "not valid base64"),  # bad padding
+        ("\u00e9" * 8, None, "not valid base64"),  # not ASCII
+        ("====", None, "not valid base64"),
+        ("AAAAAAAA", 4, "8 base64 characters, more than the 4 taken"),
+    ],
+)
+def test_base64_bytes_rejects(data: object, max_chars: int | None, fragment: str) -> None:
+    with pytest.raises(AudioInputError, match=r"^messages\[0\]\.data: .*" + re.escape(fragment)):
+        base64_bytes(data, "messages[0].data", max_chars)
+
+
+def test_data_url_bytes_gives_bytes_and_mime_type() -> None:
+    raw = b"RIFF....WAVE"
+    data = base64.b64encode(raw).decode()
+    assert data_url_bytes(f"data:audio/wav;base64,{data}", "url") == (raw, "audio/wav")
+    assert data_url_bytes(f" DATA:audio/x-wav;codecs=1;BASE64,{data}\n", "url") == (raw, "audio/x-wav")
+    assert data_url_bytes(f"data:;base64,{data}", "url") == (raw, None)
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("https://example.com/a.wav", "nothing is downloaded, got 'https://example.com/a.wav'"),
+        ("file:///etc/passwd", "audio URLs must be data URLs"),
+        ("/etc/passwd", "nothing is downloaded"),
+        (12, "must be a string, got int"),
+        ("data:audio/wav,AAAA", "must be a base64 data URL, data:<type>;base64,<data>"),
+        ("data:audio/wav;base64", "must be a base64 data URL"),  # no comma
+        ("data:audio/wav;base64,", "non-empty base64 string"),
+        ("data:audio/wav;base64,@@", "not valid base64"),
+    ],
+)
+def test_data_url_bytes_rejects(url: object, fragment: str) -> None:
+    with pytest.raises(UserInputError, match=f"^audio_url: .*{re.escape(fragment)}"):
+        data_url_bytes(url, "audio_url")
+
+
+def test_data_url_bytes_limits_the_base64_length() -> None:
+    with pytest.raises(AudioInputError, match="12 base64 characters, more than the 8 taken"):
+        data_url_bytes("data:audio/wav;base64,AAAAAAAAAAAA", "audio", max_chars=8)
 
 
 # ---------------------------------------------------------------------------------------------
