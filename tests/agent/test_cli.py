@@ -178,3 +178,21 @@ def test_bench_measures_every_figure_beside_its_baseline(tiny_model_dir, tmp_pat
     for row in figures.values():
         assert row["omnivox"] > 0 and row["baseline"] > 0 and row["baseline_name"]
     assert "load_s" in capsys.readouterr().out
+
+
+def test_agent_prints_a_json_trace_and_checks_its_flags(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    wav = _wav(tmp_path)
+    out_dir = tmp_path / "out"
+    rc = cli.main(["agent", "--model", str(tiny_model_dir), "--audio", str(wav), "--out-dir", str(out_dir),
+                   "--max-steps", "2", "--tools", "measure,trim", "--json", "Cut", "the", "first", "second."])  # fmt: skip
+    assert rc == 0
+    trace = json.loads(capsys.readouterr().out)
+    assert trace["clips"] == ["clip-1"] and trace["stopped_by"] in ("answer", "max_steps")
+    assert trace["steps"][-1]["kind"] == "answer" and all(s["name"] in (None, "measure", "trim") for s in trace["steps"])
+    for path in trace["artifacts"].values():
+        assert os.path.dirname(path) == str(out_dir.resolve()) and os.path.isfile(path)
+    assert cli.main(["agent", "--model", str(tiny_model_dir), "--max-steps", "0", "goal"]) == 2
+    assert cli.main(["agent", "--model", str(tiny_model_dir), "--out-dir", str(out_dir), "--tools", "nope", "goal"]) == 2
+    assert "no tool named 'nope'" in capsys.readouterr().err
