@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -244,3 +245,45 @@ def tone_clip(seconds: float, freq: float = 440.0, seed: int = 0, sample_rate: i
     rng = np.random.default_rng(seed)
     t = np.arange(round(seconds * sample_rate)) / sample_rate
     return (0.4 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def greedy_copy(model_dir: Path, parent: Path, max_new_tokens: int = 8, name: str = "tiny-greedy") -> Path:
+    """A copy of a model folder whose default decoding is greedy (so answers stream) and short."""
+    import json
+    import shutil
+
+    folder = Path(parent) / name
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["generation"] = {"num_beams": 1, "max_new_tokens": max_new_tokens}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@contextlib.contextmanager
+def serving(app, timeout_keep_alive: int = 5):
+    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=timeout_keep_alive))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+        batcher = getattr(getattr(getattr(app, "state", None), "batcher", None), "close", None)
+        if batcher is not None:
+            batcher()

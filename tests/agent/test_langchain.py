@@ -11,15 +11,13 @@ import base64
 import contextlib
 import json
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import jsonschema
 import pytest
+import tiny
 import torch
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
@@ -527,28 +525,11 @@ def test_omnivox_tools_refuse_paths_outside_the_allowed_dir(tmp_path):
 @contextlib.contextmanager
 def serving(folder: Path):
     """``omnivox serve`` of ``folder`` (its own model) on a free loopback port; yields the API root."""
-    import uvicorn
-
     from omnivox.agent.assistant import Assistant
     from omnivox.agent.server import create_app
 
-    app = create_app(Assistant.from_pretrained(folder), "tiny")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        app.state.batcher.close()
+    with tiny.serving(create_app(Assistant.from_pretrained(folder), "tiny")) as url:
+        yield url + "/v1"
 
 
 def test_remote_answers_match_in_process():

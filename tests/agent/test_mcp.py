@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -43,12 +42,7 @@ def _text(result) -> str:
 @pytest.fixture(scope="module")
 def greedy_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with short greedy answers (a tool call takes well under a second)."""
-    folder = tmp_path_factory.mktemp("mcp") / "tiny-greedy"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["generation"] = {"num_beams": 1, "max_new_tokens": 6}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return tiny.greedy_copy(tiny_model_dir, tmp_path_factory.mktemp("mcp"), max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import base64
 import contextlib
 import io
 import json
-import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,36 +30,13 @@ def _wav_bytes(seconds: float = 1.0, rate: int = 22050) -> bytes:
     return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def running(app):
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        sock.close()
-        app.state.batcher.close()
+running = tiny.serving
 
 
 @pytest.fixture(scope="module")
 def greedy_dir(tiny_model_dir, tmp_path_factory):
     """A copy of the tiny model whose default decoding is greedy (so it streams), 8 new tokens."""
-    folder = tmp_path_factory.mktemp("serve") / "tiny-greedy"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["generation"] = {"num_beams": 1, "max_new_tokens": 8}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return tiny.greedy_copy(tiny_model_dir, tmp_path_factory.mktemp("serve"), max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import tiny
 
 pytest.importorskip("uvicorn")
 pytest.importorskip("prometheus_client")
@@ -30,11 +29,7 @@ def assistant(tiny_model_dir, tmp_path_factory):
     """The tiny model, greedy (so it streams), 8 new tokens by default."""
     from omnivox.agent.assistant import Assistant
 
-    folder = tmp_path_factory.mktemp("reliability") / "tiny"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["generation"] = {"num_beams": 1, "max_new_tokens": 8}
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = tiny.greedy_copy(tiny_model_dir, tmp_path_factory.mktemp("reliability"), max_new_tokens=8, name="tiny")
     return Assistant.from_pretrained(folder)
 
 

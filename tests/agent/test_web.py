@@ -76,11 +76,7 @@ def server(tiny_model_dir, tmp_path_factory):
     """(base URL, ChatRecorder): uvicorn in a thread over the tiny model, greedy, 8 new tokens, with a key."""
     from omnivox.agent.assistant import Assistant
 
-    folder = tmp_path_factory.mktemp("web") / "tiny-greedy"
-    shutil.copytree(tiny_model_dir, folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["generation"] = {"num_beams": 1, "max_new_tokens": 8}
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = tiny.greedy_copy(tiny_model_dir, tmp_path_factory.mktemp("web"), max_new_tokens=8)
     recorder = ChatRecorder(create_app(Assistant.from_pretrained(folder), folder.name, api_key=KEY))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
