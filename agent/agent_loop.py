@@ -22,7 +22,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from omnivox.agent.builtin_tools import run_tool
 from omnivox.agent.generation import GenerationSettings
 from omnivox.agent.tools import ToolCall, ToolError, ToolRegistry
 from omnivox.agent.workspace import Workspace
@@ -174,16 +173,15 @@ class Agent:
 
     def _run_call(self, call: ToolCall) -> Step:
         t0 = time.monotonic()
-        if call.name not in self.tools:  # the grammar offers only these; a hand-made call may not
-            result, error = None, f"error: no tool named {call.name!r}"
-        elif self.raise_on_tool_error:
-            result, error = self.tools.get(call.name).run(call.arguments), None
-        else:
-            result, error = run_tool(self.tools.get(call.name), call.arguments)
-        if error is not None:
-            log.info("tool %s failed: %s", call.name, error)
+        try:
+            if call.name not in self.tools:  # the grammar offers only these; a hand-made call may not
+                raise ToolError(f"no tool named {call.name!r}")
+            result = self.tools.get(call.name).run(call.arguments)
+        except (ToolError, UserInputError) as err:  # the model's call or the tool failed: tell the model
             if self.raise_on_tool_error:
-                raise ToolError(error)
+                raise
+            error = f"error: {' '.join(str(err).split())}"
+            log.info("tool %s failed: %s", call.name, error)
             return Step("call", call.name, call.arguments, call.id, error, False, seconds=time.monotonic() - t0)
         return Step("call", call.name, call.arguments, call.id, result.text, True, list(result.artifacts),
                     seconds=time.monotonic() - t0)  # fmt: skip

@@ -146,7 +146,7 @@ class Assistant:
         if on_text is not None and len(conversations) != 1:
             raise UserInputError(f"streaming needs a batch of one, got {len(conversations)} conversations")
         answers: dict[int, Generation] = {}
-        rest = [i for i in range(len(conversations)) if i not in set(guided)]
+        rest = sorted(set(range(len(conversations))) - set(guided))
         if rest:
             out = self.transcription.generate([conversations[i] for i in rest], [audio[i] for i in rest], settings)
             answers.update(zip(rest, out, strict=True))

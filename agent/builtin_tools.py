@@ -20,9 +20,8 @@ from typing import Annotated, Literal
 import numpy as np
 import pydantic
 
-from omnivox.agent.tools import Tool, ToolError, ToolRegistry, ToolResult, tool
+from omnivox.agent.tools import ToolError, ToolRegistry, ToolResult, tool
 from omnivox.agent.workspace import Workspace
-from omnivox.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +208,5 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         )
         return ToolResult(f"{made.describe()}, {format}", (made.id,))
 
-    registry = ToolRegistry([transcribe, ask, detect_speech, measure, trim, mix, convert])
-    return registry
+    return ToolRegistry([transcribe, ask, detect_speech, measure, trim, mix, convert])
 
-
-def run_tool(t: Tool, arguments: dict | str) -> tuple[ToolResult | None, str | None]:
-    """Run ``t``; (result, None), or (None, the error as text) when the arguments or the tool failed."""
-    try:
-        return t.run(arguments), None
-    except (ToolError, UserInputError) as err:
-        return None, f"error: {' '.join(str(err).split())}"

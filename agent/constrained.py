@@ -122,7 +122,9 @@ class AnswerFormat:
     parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
-        self.grammar()  # raises on a bad choice
+        # written once (it raises on a bad choice); the dataclass is frozen, the grammar derived from it
+        grammar = answer_grammar(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls)
+        object.__setattr__(self, "_grammar", grammar)
 
     @property
     def offers_tools(self) -> bool:
@@ -133,7 +135,8 @@ class AnswerFormat:
         return self.offers_tools or self.response_format is not None
 
     def grammar(self) -> str | None:
-        return answer_grammar(self.tools, self.tool_choice, self.response_format, self.parallel_tool_calls)
+        """The Lark grammar of the answer (:func:`answer_grammar`), or None when nothing constrains it."""
+        return self._grammar
 
 
 class GrammarCompiler:

@@ -40,7 +40,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -1279,6 +1279,39 @@ async def _stream(
     finally:
         assert pending.job is not None
         pending.batcher.cancel(pending.job)  # the client left (or the answer is done: then a no-op)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any, **uvicorn_options: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a daemon thread on a free loopback port; yields its base URL.
+
+    For tests, benchmarks and notebooks. ``uvicorn_options`` go to ``uvicorn.Config`` (e.g.
+    ``timeout_keep_alive``). On exit the server stops and, for an app of :func:`create_app`, its
+    model thread too.
+    """
+    import socket
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", **uvicorn_options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        batcher = getattr(getattr(app, "state", None), "batcher", None)
+        if batcher is not None:
+            batcher.close()
 
 
 def serve(

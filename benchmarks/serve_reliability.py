@@ -39,12 +39,10 @@ import os
 import platform
 import random
 import re
-import socket
 import sys
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,31 +60,13 @@ ERROR_KEYS = {"message", "type", "param", "code"}
 # Serving
 
 
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    import uvicorn
+def serving(app: Any) -> contextlib.AbstractContextManager[str]:
+    """``app`` served on a free loopback port; yields its base URL."""
+    from omnivox.agent.server import serve_in_thread
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
     # keep-alive longer than any Retry-After: a client that waits and reuses its connection must not
     # race the server closing it (uvicorn's default is 5 s)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", limit_concurrency=2000, timeout_keep_alive=300)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        app.state.batcher.close()
+    return serve_in_thread(app, limit_concurrency=2000, timeout_keep_alive=300)
 
 
 # ---------------------------------------------------------------------------------------------

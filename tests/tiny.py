@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -260,30 +259,8 @@ def greedy_copy(model_dir: Path, parent: Path, max_new_tokens: int = 8, name: st
     return folder
 
 
-@contextlib.contextmanager
 def serving(app, timeout_keep_alive: int = 5):
-    """``app`` served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    import socket
-    import threading
-    import time
+    """``app`` served on a free loopback port (:func:`omnivox.agent.server.serve_in_thread`); yields its base URL."""
+    from omnivox.agent.server import serve_in_thread
 
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=timeout_keep_alive))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-        batcher = getattr(getattr(getattr(app, "state", None), "batcher", None), "close", None)
-        if batcher is not None:
-            batcher()
+    return serve_in_thread(app, timeout_keep_alive=timeout_keep_alive)

@@ -126,11 +126,39 @@ EXPECTED_FAILURES: dict[str, tuple[str, type[BaseException] | None]] = {
 }  # fmt: skip
 
 
-class TestChatOmnivoxUnit(ChatModelUnitTests):
+class OmnivoxFeatures:
+    """What ChatOmnivox supports, as both standard suites ask."""
+
     @property
     def chat_model_class(self) -> type[ChatOmnivox]:
         return ChatOmnivox
 
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_audio_inputs(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False
+
+
+class TestChatOmnivoxUnit(OmnivoxFeatures, ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"model": str(FOLDER["tiny"])}  # the standard parameters (temperature, max_tokens, ...) come on top
@@ -139,63 +167,11 @@ class TestChatOmnivoxUnit(ChatModelUnitTests):
     def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
         return {"OMNIVOX_API_KEY": "key-from-env"}, {"base_url": "http://127.0.0.1:9/v1"}, {"api_key": "key-from-env"}
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_audio_inputs(self) -> bool:
-        return True
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False
-
-
-class TestChatOmnivoxStandard(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatOmnivox]:
-        return ChatOmnivox
-
+class TestChatOmnivoxStandard(OmnivoxFeatures, ChatModelIntegrationTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return params()
-
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
-
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def has_structured_output(self) -> bool:
-        return True
-
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def supports_audio_inputs(self) -> bool:
-        return True
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False
 
     @property
     def supports_image_urls(self) -> bool:

@@ -14,9 +14,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -78,19 +75,9 @@ def server(tiny_model_dir, tmp_path_factory):
 
     folder = tiny.greedy_copy(tiny_model_dir, tmp_path_factory.mktemp("web"), max_new_tokens=8)
     recorder = ChatRecorder(create_app(Assistant.from_pretrained(folder), folder.name, api_key=KEY))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(recorder, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", recorder
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with tiny.serving(recorder) as url:
+        yield url, recorder
+    recorder.app.state.batcher.close()
 
 
 @pytest.fixture(scope="module")
