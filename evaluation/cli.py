@@ -41,6 +41,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default 0)")
+    parser.add_argument("--codec", help="suite codec: a codec folder (nano codec.json or an EnCodec HF folder); "
+                        "default: the model folder's codec/")
+    parser.add_argument("--bandwidth", type=float, default=None, help="suite codec: EnCodec bandwidth in kbps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,6 +51,9 @@ def run_eval(args: argparse.Namespace) -> int:
     """Run ``omnivox eval``; returns the exit status. User errors raise ``UserInputError`` (the CLI prints them)."""
     from omnivox.agent.cli import load_model_for_cli, model_folder
     from omnivox.agent.generation import GenerationSettings
+
+    if args.suite == "codec":
+        return run_codec_eval(args)
     from omnivox.evaluation.report import print_table, write_results
     from omnivox.evaluation.runner import run_selection, select, validate
 
@@ -87,4 +93,37 @@ def run_eval(args: argparse.Namespace) -> int:
     files = write_results(results, out)
     print_table(results)
     print(f"results written to {files['results.json'].parent}", file=sys.stderr)
+    return 0
+
+
+def run_codec_eval(args: argparse.Namespace) -> int:
+    """``--suite codec``: resynthesis scores of a codec (no LLM is loaded)."""
+    from omnivox.agent.cli import model_folder
+    from omnivox.decoders.codec import load_codec
+    from omnivox.errors import UserInputError
+    from omnivox.evaluation.codec import (
+        evaluate_codec,
+        fixture_clips,
+        held_out_clips,
+        markdown,
+        write_codec_report,
+    )
+    from omnivox.evaluation.data import default_fixtures_dir
+
+    model_dir = model_folder(args)
+    source = Path(args.codec) if args.codec else model_dir / "codec"
+    if not source.exists():
+        raise UserInputError(f"no codec at {source}: pass --codec DIR (this model folder has no codec/)")
+    codec = load_codec(source, bandwidth=args.bandwidth)
+    clips = held_out_clips(Path(args.data), args.split, args.limit or 40) if args.data else []
+    fixtures = Path(args.fixtures) if args.fixtures else default_fixtures_dir()
+    if fixtures is not None and (fixtures / "transcripts.json").is_file():
+        clips += fixture_clips(fixtures)
+    elif not clips:
+        raise UserInputError("suite codec needs clips: --data DIR (a datagen folder) and/or --fixtures DIR")
+    report = evaluate_codec(codec, clips, progress=not args.no_progress)
+    out = Path(args.out) if args.out else (source if args.codec else model_dir) / "eval" / "codec"
+    write_codec_report(report, out)
+    print(markdown(report))
+    print(f"results written to {out}", file=sys.stderr)
     return 0

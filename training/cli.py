@@ -45,7 +45,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Run ``omnivox train``; 0 when the run reached max_steps (or stopped at stop_at_step), 130 when interrupted.
 
-    Prints what a finished run made: the model folder, or for stage ``sound_encoder`` the BEATs checkpoint.
+    Prints what a finished run made: the model folder, for stage ``sound_encoder`` the BEATs checkpoint,
+    for stage ``codec`` the codec folder.
     """
     from omnivox.training.config import load_train_config
 
@@ -54,6 +55,11 @@ def run_train(args: argparse.Namespace) -> int:
         from omnivox.training.sound_encoder import train as train_sound_encoder
 
         result = train_sound_encoder(config, resume=args.resume, progress=args.progress)
+        made = result.checkpoint
+    elif config.stage == "codec":
+        from omnivox.training.codec import train as train_codec
+
+        result = train_codec(config, resume=args.resume, progress=args.progress)
         made = result.checkpoint
     else:
         from omnivox.training.trainer import train
@@ -87,8 +93,8 @@ def run_cache(args: argparse.Namespace) -> int:
     from omnivox.training.trainer import _barrier, init_distributed
 
     config = load_train_config(Path(args.config), args.overrides)
-    if config.stage == "sound_encoder":
-        raise ConfigError(f"{args.config}: stage 'sound_encoder' reads its audio directly; it has no feature cache")
+    if config.stage in ("sound_encoder", "codec"):
+        raise ConfigError(f"{args.config}: stage {config.stage!r} reads its audio directly; it has no feature cache")
     if config.threads:
         import torch
 

