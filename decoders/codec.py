@@ -10,8 +10,9 @@ Two implementations:
   (e.g. a ``facebook/encodec_24khz`` folder), at any of its bandwidths.
 - :class:`MelCodec`: the codec trained here for the bundled nano model. Its codes are a
   residual vector quantisation (RVQ) of normalised log-mel frames; its decoder is a causal
-  ConvNeXt stack that predicts each frame's complex spectrum, turned into audio by an inverse
-  STFT with overlap-add (Vocos-style). Why this design: one CPU try at an EnCodec-style codec
+  ConvNeXt stack that predicts, for each frame, the magnitudes of short synthesis pieces and
+  corrections to their phase advance (accumulated as in a phase vocoder), turned into audio by
+  an inverse STFT with overlap-add (Vocos-style, with accumulated phase). Why this design: one CPU try at an EnCodec-style codec
   (a 320x transposed-convolution stack) never left its starting plateau on 2 cores, while a
   decoder that works at the frame rate and leaves the last step to the inverse FFT trains at
   once (shared/DESIGN.md section 12). The quantiser is fitted by residual k-means (no
@@ -20,7 +21,7 @@ Two implementations:
 
 Streaming (:meth:`Codec.stream`): codes arrive a few frames at a time and audio leaves as
 soon as it is final. :class:`MelCodec` is causal (frame ``t`` is decoded from frames ``<= t``;
-the overlap-add completes a frame's samples three frames later), so its stream gives exactly
+the overlap-add holds back only the last window's overlap), so its stream gives exactly
 the whole-sequence decode. Other codecs stream by re-decoding a window of past frames
 (:class:`ContextStream`), which is close to, but for non-causal codecs not equal to, the
 whole decode.
@@ -221,8 +222,11 @@ class MelCodecConfig:
 
     ``hop_length`` samples per frame (320 at 16 kHz: 50 frames/s); each frame is analysed
     with an ``n_fft``-sample Hann window ending at the frame's last sample (the encoder looks
-    at no future audio) and resynthesised over the same span. ``n_fft`` must be a multiple
-    of ``hop_length`` so the windows overlap-add to a constant.
+    at no future audio). The decoder resynthesises each frame as ``upsample`` shorter pieces
+    (hop ``hop_length / upsample``, Hann window of ``synthesis_n_fft`` samples, default
+    ``n_fft / upsample``), the last ending where the frame's analysis window ends: shorter
+    hops keep the phase of voiced speech coherent from piece to piece. Window lengths must be
+    multiples of their hops so the windows overlap-add to a constant.
     """
 
     sample_rate: int = 16_000
@@ -237,19 +241,35 @@ class MelCodecConfig:
     intermediate_dim: int = 768
     num_layers: int = 8
     kernel_size: int = 7
+    upsample: int = 1
+    synthesis_n_fft: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("f_min", "f_max"):
+            if f.name in ("f_min", "f_max") or (f.name == "synthesis_n_fft" and value is None):
                 continue
             if not isinstance(value, int) or value < 1:
                 raise CheckpointError(f"codec config: {f.name} must be a positive integer, got {value!r}")
         if self.n_fft % self.hop_length:
             raise CheckpointError(f"codec config: n_fft ({self.n_fft}) must be a multiple of hop_length ({self.hop_length})")
+        if self.hop_length % self.upsample:
+            raise CheckpointError(f"codec config: hop_length ({self.hop_length}) must be a multiple of upsample ({self.upsample})")
+        if self.synth_n_fft % self.synth_hop:
+            raise CheckpointError(
+                f"codec config: synthesis_n_fft ({self.synth_n_fft}) must be a multiple of the synthesis hop ({self.synth_hop})"
+            )
         top = self.f_max if self.f_max is not None else self.sample_rate / 2
         if not 0 <= self.f_min < top <= self.sample_rate / 2:
             raise CheckpointError(f"codec config: need 0 <= f_min < f_max <= {self.sample_rate / 2}, got {self.f_min}, {self.f_max}")
+
+    @property
+    def synth_hop(self) -> int:
+        return self.hop_length // self.upsample
+
+    @property
+    def synth_n_fft(self) -> int:
+        return self.synthesis_n_fft if self.synthesis_n_fft is not None else self.n_fft // self.upsample
 
     @classmethod
     def from_dict(cls, data: dict) -> MelCodecConfig:
@@ -303,9 +323,10 @@ class MelCodec(Codec):
         )  # fmt: skip
         self.register_buffer("mel_basis", torch.tensor(fbank.T, dtype=torch.float32), persistent=False)  # [M, F]
         self.register_buffer("window", torch.hann_window(c.n_fft), persistent=False)
-        # Hann windows at n_fft / hop overlap add up (analysis x synthesis) to a constant
-        overlap = c.n_fft // c.hop_length
-        self.ola_gain = float((self.window**2).reshape(overlap, c.hop_length).sum(0).mean())
+        self.register_buffer("synth_window", torch.hann_window(c.synth_n_fft), persistent=False)
+        # squared Hann windows overlapping n / hop times add up to a constant: the synthesis gain
+        overlap = c.synth_n_fft // c.synth_hop
+        self.ola_gain = float((self.synth_window**2).reshape(overlap, c.synth_hop).sum(0).mean())
         # fitted statistics and codebooks (saved)
         self.register_buffer("mel_mean", torch.zeros(c.n_mels))
         self.register_buffer("mel_std", torch.ones(c.n_mels))
@@ -318,7 +339,8 @@ class MelCodec(Codec):
             for _ in range(c.num_layers)
         )
         self.final_norm = nn.LayerNorm(c.dim, eps=1e-6)
-        self.head = nn.Linear(c.dim, c.n_fft + 2)  # log-magnitude and phase of n_fft // 2 + 1 bins
+        # per frame, `upsample` pieces: log-magnitude and phase of synth_n_fft // 2 + 1 bins each
+        self.head = nn.Linear(c.dim, c.upsample * (c.synth_n_fft + 2))
 
     @property
     def receptive_field(self) -> int:
@@ -365,37 +387,60 @@ class MelCodec(Codec):
         return self.quantize(self.normalize(self.log_mel(wav[:, 0])))
 
     # ------------------------------------------------------------------ synthesis
-    def frame_spectra(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalised (quantised) frames ``z [B, T, M]`` -> complex spectra ``[B, T, n_fft // 2 + 1]``."""
+    def piece_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised (quantised) frames ``z [B, T, M]`` -> log-magnitudes and phase corrections of
+        the synthesis pieces, each ``[B, T * upsample, synth_n_fft // 2 + 1]``."""
         k = self.config.kernel_size - 1
         x = self.embed(F.pad(z.transpose(1, 2), (k, 0)))  # [B, D, T]
         x = self.embed_norm(x.transpose(1, 2)).transpose(1, 2)
         for block in self.blocks:
             x = block(x)
-        h = self.head(self.final_norm(x.transpose(1, 2)))  # [B, T, n_fft + 2]
-        log_mag, phase = h.chunk(2, dim=-1)
+        h = self.head(self.final_norm(x.transpose(1, 2)))  # [B, T, up * (n + 2)]
+        h = h.reshape(h.shape[0], -1, self.config.synth_n_fft + 2)  # [B, T * up, n + 2]
+        log_mag, delta = h.chunk(2, dim=-1)
+        return log_mag, delta
+
+    def spectra(
+        self, log_mag: torch.Tensor, delta: torch.Tensor, phase0: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complex spectra of the pieces ``[B, P, F]`` and the phase after the last piece ``[B, F]``.
+
+        Phase is accumulated, as a phase vocoder does: each piece advances bin ``k`` by its
+        centre frequency times the hop, plus the predicted correction ``delta``. A decoder that
+        predicted absolute phases would give every piece of a steady input the same phase, i.e.
+        a signal periodic in the hop (energy only at multiples of 100 Hz); accumulated, a steady
+        tone needs only a constant correction. Summed in float64 and wrapped, so long clips keep
+        their precision and a stream that carries ``phase0`` gives the same numbers."""
+        c = self.config
+        bins = torch.arange(c.synth_n_fft // 2 + 1, dtype=torch.float64, device=delta.device)
+        step = delta.double() + (2 * math.pi * c.synth_hop / c.synth_n_fft) * bins  # [B, P, F]
+        phase = torch.cumsum(step, dim=1)
+        if phase0 is not None:
+            phase = phase + phase0[:, None]
+        phase = torch.remainder(phase, 2 * math.pi)
         mag = torch.exp(log_mag).clamp(max=1e2)
-        return torch.polar(mag, phase)
+        return torch.polar(mag, phase.to(mag.dtype)), phase[:, -1]
 
     def frames_to_audio(self, spectra: torch.Tensor) -> torch.Tensor:
-        """Windowed inverse FFT of each frame ``[B, T, F]`` -> overlapping pieces ``[B, T, n_fft]``."""
-        return torch.fft.irfft(spectra, n=self.config.n_fft) * self.window / self.ola_gain
+        """Windowed inverse FFT of each piece ``[B, P, F]`` -> overlapping pieces ``[B, P, synth_n_fft]``."""
+        return torch.fft.irfft(spectra, n=self.config.synth_n_fft) * self.synth_window / self.ola_gain
 
     def overlap_add(self, pieces: torch.Tensor) -> torch.Tensor:
-        """``[B, T, n_fft]`` -> ``[B, (T - 1) * hop + n_fft]`` (piece ``t`` starts at ``t * hop``)."""
-        c = self.config
-        b, t, n = pieces.shape
-        out_len = (t - 1) * c.hop_length + n
-        return F.fold(pieces.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, n), stride=(1, c.hop_length))[:, 0, 0]
+        """``[B, P, n]`` -> ``[B, (P - 1) * synth_hop + n]`` (piece ``p`` starts at ``p * synth_hop``)."""
+        hop = self.config.synth_hop
+        b, p, n = pieces.shape
+        out_len = (p - 1) * hop + n
+        return F.fold(pieces.transpose(1, 2), output_size=(1, out_len), kernel_size=(1, n), stride=(1, hop))[:, 0, 0]
 
     def decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised frames ``[B, T, M]`` -> ``wav [B, 1, T * hop]`` (differentiable; used in training)."""
         c = self.config
         if z.shape[1] == 0:
             return z.new_zeros(z.shape[0], 1, 0)
-        audio = self.overlap_add(self.frames_to_audio(self.frame_spectra(z)))
-        # piece t spans samples [(t + 1) * hop - n_fft, (t + 1) * hop): drop the lead-in before 0
-        lead = c.n_fft - c.hop_length
+        spectra, _ = self.spectra(*self.piece_outputs(z))
+        audio = self.overlap_add(self.frames_to_audio(spectra))
+        # piece p spans samples [(p + 1) * synth_hop - synth_n_fft, (p + 1) * synth_hop): drop the lead-in before 0
+        lead = c.synth_n_fft - c.synth_hop
         return audio[:, None, lead : lead + z.shape[1] * c.hop_length]
 
     @torch.no_grad()
@@ -409,14 +454,15 @@ class MelCodec(Codec):
 
 class MelCodecStream(CodecStream):
     """Exact streaming decode of a :class:`MelCodec`: the decoder is causal, so each new frame's
-    spectrum is computed from it and ``receptive_field - 1`` kept frames; overlap-add keeps the
-    unfinished tail, and the samples up to the newest frame's first overlap leave at once."""
+    spectra are computed from it and ``receptive_field - 1`` kept frames; overlap-add keeps the
+    unfinished tail (``synth_n_fft - synth_hop`` samples), everything before it leaves at once."""
 
     def __init__(self, codec: MelCodec) -> None:
         self.codec = codec
         self.context: torch.Tensor | None = None  # [B, <= receptive_field - 1, M] normalised frames
-        self.tail: torch.Tensor | None = None  # [B, n_fft - hop] partial sums, starting at `emitted`
-        self.skip = codec.config.n_fft - codec.config.hop_length  # lead-in samples before sample 0
+        self.tail: torch.Tensor | None = None  # [B, synth_n_fft - synth_hop] unfinished sums
+        self.phase: torch.Tensor | None = None  # [B, F] float64 accumulated phase after the last piece
+        self.skip = codec.config.synth_n_fft - codec.config.synth_hop  # lead-in samples before sample 0
 
     def _drop_lead(self, out: torch.Tensor) -> torch.Tensor:
         drop = min(self.skip, out.shape[-1])
@@ -431,9 +477,10 @@ class MelCodecStream(CodecStream):
             return torch.zeros(codes.shape[0], 1, 0)
         z = codec.dequantize(codes)  # [B, t, M]
         frames = z if self.context is None else torch.cat([self.context, z], dim=1)
-        spectra = codec.frame_spectra(frames)[:, -z.shape[1] :]
-        audio = codec.overlap_add(codec.frames_to_audio(spectra))  # [B, (t - 1) * hop + n_fft]
-        lead = c.n_fft - c.hop_length
+        log_mag, delta = (x[:, -z.shape[1] * c.upsample :] for x in codec.piece_outputs(frames))
+        spectra, self.phase = codec.spectra(log_mag, delta, self.phase)
+        audio = codec.overlap_add(codec.frames_to_audio(spectra))  # [B, (t * up - 1) * synth_hop + synth_n_fft]
+        lead = c.synth_n_fft - c.synth_hop
         if self.tail is not None:
             audio[:, :lead] += self.tail
         self.context = frames[:, -(codec.receptive_field - 1) :]

@@ -41,8 +41,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     parser.add_argument("--fixtures", help="speech fixtures folder (default $OMNIVOX_FIXTURES/speech or ../shared/fixtures/speech)")
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before generating (default 0)")
-    parser.add_argument("--codec", help="suite codec: a codec folder (nano codec.json or an EnCodec HF folder); "
-                        "default: the model folder's codec/")
+    parser.add_argument("--codec", help="suite codec: a codec folder (nano codec.json, or an EnCodec HF folder or hub id "
+                        "such as facebook/encodec_24khz); default: the model folder's codec/")
     parser.add_argument("--bandwidth", type=float, default=None, help="suite codec: EnCodec bandwidth in kbps")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -112,7 +112,7 @@ def run_codec_eval(args: argparse.Namespace) -> int:
 
     model_dir = model_folder(args)
     source = Path(args.codec) if args.codec else model_dir / "codec"
-    if not source.exists():
+    if not args.codec and not source.exists():
         raise UserInputError(f"no codec at {source}: pass --codec DIR (this model folder has no codec/)")
     codec = load_codec(source, bandwidth=args.bandwidth)
     clips = held_out_clips(Path(args.data), args.split, args.limit or 40) if args.data else []
@@ -122,7 +122,7 @@ def run_codec_eval(args: argparse.Namespace) -> int:
     elif not clips:
         raise UserInputError("suite codec needs clips: --data DIR (a datagen folder) and/or --fixtures DIR")
     report = evaluate_codec(codec, clips, progress=not args.no_progress)
-    out = Path(args.out) if args.out else (source if args.codec else model_dir) / "eval" / "codec"
+    out = Path(args.out) if args.out else model_dir / "eval" / ("codec" if not args.codec else f"codec-{source.name}")
     write_codec_report(report, out)
     print(markdown(report))
     print(f"results written to {out}", file=sys.stderr)

@@ -54,13 +54,27 @@ class ClipScore:
 
 
 @dataclass
+class SoundScore:
+    """A generated sound through the codec: its DSP check on the original and on the resynthesis."""
+
+    label: str
+    caption: str
+    expected: float  # Hz for tones, the count for countable events
+    original: float
+    resynthesis: float
+    passed: bool
+
+
+@dataclass
 class CodecReport:
     codec: dict[str, Any]
     clips: list[ClipScore] = field(default_factory=list)
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    sounds: list[SoundScore] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, "groups": self.groups, "clips": [asdict(c) for c in self.clips]}
+        return {"codec": self.codec, "groups": self.groups, "clips": [asdict(c) for c in self.clips],
+                "sounds": [asdict(s) for s in self.sounds]}  # fmt: skip
 
 
 def _read_16k(path: Path) -> np.ndarray:
@@ -136,6 +150,40 @@ def intelligibility(reference: np.ndarray, degraded: np.ndarray) -> tuple[float,
     return s, p
 
 
+def tone_pitch(x: np.ndarray) -> float:
+    """Frequency (Hz) of the strongest spectral peak, refined by parabolic interpolation of the
+    log-magnitude around the peak bin (a Hann-windowed FFT of the whole clip)."""
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x)))) + 1e-12
+    k = int(np.argmax(spectrum[1:-1])) + 1
+    a, b, c = np.log(spectrum[k - 1 : k + 2])
+    offset = 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c != 0 else 0.0
+    return (k + offset) * 16_000 / len(x)
+
+
+def sound_checks(codec: Codec, per_kind: int = 6, seed: int = 0) -> list[SoundScore]:
+    """Tones (pitch within 3 %) and beeps / clicks / knocks (the count) from the data generator,
+    through the codec: can it carry what the sound head will make?"""
+    from omnivox.datagen.sounds import detect_onsets, make_beeps, make_clicks, make_knocks, make_tone
+
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(per_kind):
+        event = make_tone(rng)
+        x = np.concatenate([event.samples, np.zeros(1600, np.float32)])
+        y, _ = resynthesize(codec, x)
+        want = float(event.params["freq_hz"])
+        got = tone_pitch(y[: event.samples.size])
+        scores.append(SoundScore("tone", event.caption, want, tone_pitch(event.samples), got, abs(got - want) <= 0.03 * want))
+    for make in (make_beeps, make_clicks, make_knocks):
+        for _ in range(per_kind):
+            event = make(rng)
+            x = np.concatenate([event.samples, np.zeros(3200, np.float32)])
+            y, _ = resynthesize(codec, x)
+            before, after = len(detect_onsets(x)), len(detect_onsets(y))
+            scores.append(SoundScore(event.label, event.caption, float(event.count), float(before), float(after), after == event.count))
+    return scores
+
+
 def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER, progress: bool = True) -> CodecReport:
     """Resynthesise every clip and score it (see the module docstring)."""
     import jiwer
@@ -175,6 +223,7 @@ def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER,
             "pesq_wb": float(np.mean(pesqs)) if pesqs else float("nan"),
             "real_time_factor": sum(c.codec_seconds for c in rows) / sum(c.seconds for c in rows),
         }
+    report.sounds = sound_checks(codec)
     report._resynth = resynth  # for the picture
     report._clips = clips
     return report
@@ -194,6 +243,16 @@ def markdown(report: CodecReport) -> str:
             f"| {group} | {g['clips']} | {g['seconds']:.0f} | {100 * g['wer_original']:.1f} % | "
             f"{100 * g['wer_resynthesis']:.1f} % | {g['stoi']:.3f} | {g['pesq_wb']:.2f} | {g['real_time_factor']:.4f} |"
         )
+    if report.sounds:
+        lines += ["", "| generated sounds | n | check | original passes | resynthesis passes |", "|---|---|---|---|---|"]
+        for label in dict.fromkeys(s.label for s in report.sounds):
+            rows = [s for s in report.sounds if s.label == label]
+            check = "pitch within 3 %" if label == "tone" else "count of events"
+            if label == "tone":
+                orig = sum(abs(s.original - s.expected) <= 0.03 * s.expected for s in rows)
+            else:
+                orig = sum(s.original == s.expected for s in rows)
+            lines.append(f"| {label} | {len(rows)} | {check} | {orig} | {sum(s.passed for s in rows)} |")
     return "\n".join(lines) + "\n"
 
 

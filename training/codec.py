@@ -171,11 +171,35 @@ class SpectralLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def make_batch(clips: list[Clip], step: int, batch_size: int, seed: int, samples: int, gain_db: float) -> torch.Tensor:
-    """Random crops ``[B, samples]`` (zero-padded), a function of ``(seed, step)`` only."""
+NATURAL_ENGINES = ("kokoro", "piper")  # neural voices trained on recordings of people
+
+
+def natural_clips(data_dir: str | Path, split: str, clips: list[Clip]) -> list[int]:
+    """Indices of ``clips`` spoken by a natural-sounding engine (``metadata.voice.engine``)."""
+    manifest = Path(data_dir) / f"{split}.jsonl"
+    engines = {}
+    if manifest.is_file():
+        for line in manifest.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                item = json.loads(line)  # load_split has read this file already: it parses
+                voice = (item.get("metadata") or {}).get("voice") or {}
+                engines[str(item.get("id"))] = voice.get("engine") if isinstance(voice, dict) else None
+    return [i for i, clip in enumerate(clips) if engines.get(clip.id) in NATURAL_ENGINES]
+
+
+def make_batch(
+    clips: list[Clip], step: int, batch_size: int, seed: int, samples: int, gain_db: float,
+    natural: list[int] | None = None, natural_share: float = 0.0,
+) -> torch.Tensor:
+    """Random crops ``[B, samples]`` (zero-padded), a function of ``(seed, step)`` only; each row
+    comes from the ``natural`` clips with probability ``natural_share`` (when there are any)."""
     rng = np.random.default_rng([seed, step])
     out = np.zeros((batch_size, samples), dtype=np.float32)
-    for row, i in enumerate(rng.integers(0, len(clips), batch_size)):
+    picks = rng.integers(0, len(clips), batch_size)
+    if natural and natural_share > 0:
+        use = rng.random(batch_size) < natural_share
+        picks = np.where(use, np.asarray(natural)[rng.integers(0, len(natural), batch_size)], picks)
+    for row, i in enumerate(picks):
         length = int(clips[i].duration * SAMPLE_RATE)
         start = int(rng.integers(0, max(1, length - samples)))
         audio = read_audio(clips[i].audio, start, start + samples)
@@ -200,7 +224,7 @@ def validate(codec: MelCodec, loss_fn: SpectralLoss, clips: list[Clip], seconds:
     sums: dict[str, float] = {}
     for clip in clips:
         wav = torch.from_numpy(read_audio(clip.audio, 0, int(seconds * SAMPLE_RATE)))[None]
-        usable = wav.shape[-1] - (codec.config.n_fft - codec.config.hop_length)
+        usable = wav.shape[-1] - (codec.config.synth_n_fft - codec.config.synth_hop)
         if usable < 4096:
             continue
         parts = loss_fn(wav[:, :usable], resynthesize(codec, wav, grad=False)[:, :usable])
@@ -274,6 +298,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Co
     train_clips = load_split(config.data.dir, "train")
     if config.data.max_items:
         train_clips = train_clips[: config.data.max_items]
+    natural = natural_clips(config.data.dir, "train", train_clips)
+    logger.info("%d of %d training clips in natural voices (%s), drawn with probability %.2f",
+                len(natural), len(train_clips), "/".join(NATURAL_ENGINES), section.natural_share)  # fmt: skip
     val_clips = load_split(config.data.dir, "validation")
     val_clips = val_clips[: config.data.eval_items] if config.data.eval_items else val_clips
     state_path = out / STATE_FILE
@@ -320,14 +347,16 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Co
     if not state:
         _save_state(state_path, snapshot())  # the quantiser is the slow-to-redo part of step 0
     samples = int(section.crop_seconds * SAMPLE_RATE)
-    usable = samples - (cfg.n_fft - cfg.hop_length)  # the last frames' overlap is unfinished
+    usable = samples - (cfg.synth_n_fft - cfg.synth_hop)  # the last pieces' overlap is unfinished
     target = min(optim.max_steps, config.stop_at_step) if config.stop_at_step else optim.max_steps
     bar = tqdm(total=optim.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train codec")
     start_time, last_saved = time.monotonic(), step
     try:
         while step < target:
             started = time.perf_counter()
-            wav = make_batch(train_clips, step, optim.batch_size, config.seed, samples, section.gain_db)
+            wav = make_batch(
+                train_clips, step, optim.batch_size, config.seed, samples, section.gain_db, natural, section.natural_share
+            )
             parts = loss_fn(wav[:, :usable], resynthesize(codec, wav)[:, :usable])
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()

@@ -271,6 +271,8 @@ class CodecSection:
         model: ``MelCodecConfig`` fields over its defaults (``omnivox.decoders.codec``).
         crop_seconds: length of the random training crops.
         gain_db: crops are scaled by a random gain in ``[-gain_db, +gain_db]`` dB.
+        natural_share: probability that a crop comes from a clip in a natural-sounding voice
+            (Kokoro, Piper), which are a few percent of the generated speech.
         kmeans_frames: log-mel frames the quantiser is fitted on.
         kmeans_iters: Lloyd iterations per codebook.
         resolutions: ``[n_fft, hop]`` pairs of the spectral loss.
@@ -281,6 +283,7 @@ class CodecSection:
     model: dict[str, Any] = field(default_factory=dict)
     crop_seconds: float = 2.0
     gain_db: float = 6.0
+    natural_share: float = 0.0
     kmeans_frames: int = 150_000
     kmeans_iters: int = 20
     resolutions: tuple[tuple[int, int], ...] = ((512, 128), (1024, 256), (2048, 512))
@@ -298,6 +301,8 @@ class CodecSection:
         for name in ("gain_db", "mel_weight", "stft_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"codec.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.natural_share <= 1:
+            raise ConfigError(f"codec.natural_share must be in [0, 1], got {self.natural_share}")
         for name in ("kmeans_frames", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"codec.{name} must be >= 1, got {getattr(self, name)}")

@@ -22,11 +22,12 @@ from omnivox.decoders.codec import (
 from omnivox.errors import AudioInputError, CheckpointError, UserInputError
 
 TINY = MelCodecConfig(n_mels=16, num_codebooks=3, codebook_size=32, dim=16, intermediate_dim=32, num_layers=2, kernel_size=5)
+TINY_UP = MelCodecConfig(**{**TINY.__dict__, "upsample": 2})  # pieces of 160 samples, 640-sample windows
 
 
-def tiny_mel_codec(seed: int = 0) -> MelCodec:
+def tiny_mel_codec(seed: int = 0, config: MelCodecConfig = TINY) -> MelCodec:
     torch.manual_seed(seed)
-    codec = MelCodec(TINY).eval()
+    codec = MelCodec(config).eval()
     with torch.no_grad():  # random weights and codebooks of a size that makes audible output
         for p in codec.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -81,9 +82,10 @@ def test_mel_codec_encoder_is_causal() -> None:
     assert not torch.equal(a[..., 25:], b[..., 25:])
 
 
+@pytest.mark.parametrize("config", [TINY, TINY_UP], ids=["upsample1", "upsample2"])
 @pytest.mark.parametrize("pieces", [[1, 1, 1, 97], [2, 3, 5, 7, 11, 72], [100], [4] * 25, [0, 60, 0, 40]])
-def test_mel_codec_stream_equals_whole_decode(pieces: list[int]) -> None:
-    codec = tiny_mel_codec()
+def test_mel_codec_stream_equals_whole_decode(pieces: list[int], config: MelCodecConfig) -> None:
+    codec = tiny_mel_codec(config=config)
     codes = codec.encode(torch.cat([speechy(2.0, 0), speechy(2.0, 1)]))
     whole = codec.decode(codes)
     stream, out, start = codec.stream(), [], 0
@@ -99,13 +101,15 @@ def test_mel_codec_stream_equals_whole_decode(pieces: list[int]) -> None:
     torch.testing.assert_close(streamed, whole, atol=1e-5 * float(whole.abs().max()), rtol=0)
 
 
-def test_mel_codec_stream_gives_audio_before_the_end() -> None:
-    codec = tiny_mel_codec()
+@pytest.mark.parametrize(("config", "held_back"), [(TINY, 1280 - 320), (TINY_UP, 640 - 160)])
+def test_mel_codec_stream_gives_audio_before_the_end(config: MelCodecConfig, held_back: int) -> None:
+    codec = tiny_mel_codec(config=config)
     codes = codec.encode(speechy(1.0))
     stream = codec.stream()
     first = stream.push(codes[..., :5])
-    # 5 frames = 1600 samples; the last three frames' overlap waits for the next ones
-    assert first.shape[-1] == 5 * 320 - (TINY.n_fft - TINY.hop_length)
+    # 5 frames = 1600 samples; the last synthesis window's overlap waits for the next frames
+    assert first.shape[-1] == 5 * 320 - held_back
+    assert codec.decode(codes).shape[-1] == 50 * 320
     assert first.abs().max() > 0
 
 
@@ -220,3 +224,20 @@ def test_encodec_refusals(encodec_folder: Path, tmp_path: Path) -> None:
     (chunked / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
     with pytest.raises(CheckpointError, match="model_type is 'whisper'; codecs supported: encodec"):
         load_codec(chunked)
+
+
+def test_accumulated_phase_makes_steady_tones_at_any_bin() -> None:
+    """A constant spectrum (one bin, zero phase correction) must give a steady sinusoid at that
+    bin's frequency, not a signal periodic in the hop (what absolute phases would make)."""
+    from omnivox.evaluation.codec import tone_pitch
+
+    codec = MelCodec(TINY_UP)
+    bins = TINY_UP.synth_n_fft // 2 + 1
+    for k in (11, 27, 70):  # 275, 675, 1750 Hz: none a multiple of the 100 Hz piece rate
+        log_mag = torch.full((1, 200, bins), -30.0)
+        log_mag[..., k] = 0.0
+        spectra, _ = codec.spectra(log_mag, torch.zeros(1, 200, bins))
+        audio = codec.overlap_add(codec.frames_to_audio(spectra))[0, 640:-640].numpy()
+        assert tone_pitch(audio) == pytest.approx(k * 16_000 / TINY_UP.synth_n_fft, rel=1e-3)
+        envelope = torch.from_numpy(audio).abs().unfold(0, 160, 160).max(-1).values
+        assert float(envelope.min()) > 0.9 * float(envelope.max())  # steady, no beating between pieces
