@@ -1,0 +1,122 @@
+"""The speech head (decoders/talker.py) at toy sizes: alignment search, expansion, losses,
+frame-by-frame generation restricted to each codebook, streaming through a codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omnivox.decoders.codec import MelCodec, MelCodecConfig
+from omnivox.decoders.phonemes import PHONEME_ID, PHONEMES, phonemize
+from omnivox.decoders.talker import Talker, TalkerConfig, expand, monotonic_alignment, speak
+from omnivox.errors import UserInputError
+
+TINY = TalkerConfig(
+    num_phonemes=len(PHONEMES), num_codebooks=3, codebook_size=16, n_mels=8, dim=32, heads=4, ffn=64,
+    encoder_layers=1, decoder_layers=2, dropout=0.0, num_voices=4, num_tasks=2, max_phoneme_frames=6,
+    max_positions=256,
+)  # fmt: skip
+
+
+def test_alignment_search_finds_the_best_monotonic_path() -> None:
+    # 3 phonemes, 7 frames: frames 0-1 like phoneme 0, 2-4 like phoneme 1, 5-6 like phoneme 2
+    owner = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    score = torch.full((1, 3, 7), -5.0)
+    score[0, owner, torch.arange(7)] = 0.0
+    assert monotonic_alignment(score, torch.tensor([3]), torch.tensor([7])).tolist() == [[2, 3, 2]]
+    # a phoneme the frames never resemble still gets its one frame; padding gets none
+    score = torch.zeros(2, 4, 6)
+    score[:, 1] = -100.0
+    durations = monotonic_alignment(score, torch.tensor([3, 4]), torch.tensor([6, 5]))
+    assert durations[0, 1] == 1 and durations[1, 1] == 1
+    assert durations.sum(-1).tolist() == [6, 5] and durations[0, 3] == 0
+    with pytest.raises(UserInputError, match="cannot align 4 phonemes to 3 frames"):
+        monotonic_alignment(torch.zeros(1, 4, 3), torch.tensor([4]), torch.tensor([3]))
+
+
+def test_expand_repeats_states_by_duration() -> None:
+    states = torch.arange(3.0)[None, :, None].expand(1, 3, 2)
+    out, phoneme, position = expand(states, torch.tensor([[2, 1, 3]]), 8)
+    assert out[0, :, 0].tolist() == [0, 0, 1, 2, 2, 2, 0, 0]  # zeros past the end
+    assert phoneme[0, :6].tolist() == [0, 0, 1, 2, 2, 2]
+    assert position[0, :6].tolist() == [0, 1, 0, 0, 1, 2]
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    phonemes = torch.randint(3, len(PHONEMES), (2, 5), generator=g)
+    phoneme_mask = torch.tensor([[True] * 5, [True] * 4 + [False]])
+    codes = torch.randint(0, 16, (2, 3, 12), generator=g)
+    frame_mask = torch.tensor([[True] * 12, [True] * 9 + [False] * 3])
+    frames = torch.randn(2, 12, 8, generator=g)
+    return phonemes, phoneme_mask, codes, frame_mask, frames, torch.tensor([0, 3]), torch.tensor([1, 0])
+
+
+def test_losses_are_finite_and_train_every_part() -> None:
+    torch.manual_seed(0)
+    talker = Talker(TINY)
+    losses = talker(*_batch())
+    for name in ("total", "codes", "prior", "duration"):
+        assert torch.isfinite(getattr(losses, name)), name
+    assert losses.codes.item() == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=0.3)  # near uniform at init
+    losses.total.backward()
+    untouched = [n for n, p in talker.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    # the start row of the code tables is the only row of frame 0; every table is used
+    assert not [n for n in untouched if not n.startswith(("llm_proj", "text_pos", "frame_pos"))], untouched
+
+
+def test_a_talker_learns_one_utterance_by_heart() -> None:
+    torch.manual_seed(0)
+    talker = Talker(TINY)
+    batch = _batch()
+    opt = torch.optim.Adam(talker.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        losses = talker(*batch)
+        first = first if first is not None else losses.codes.item()
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+    assert losses.codes.item() < 0.2 * first
+    assert losses.accuracy.item() > 0.9
+
+
+def test_generation_emits_valid_codes_frame_by_frame_and_streams_through_a_codec() -> None:
+    torch.manual_seed(0)
+    talker = Talker(TINY).eval()
+    codec = MelCodec(MelCodecConfig(n_mels=8, num_codebooks=3, codebook_size=16, dim=16, intermediate_dim=32,
+                                    num_layers=2, kernel_size=3, upsample=2)).eval()  # fmt: skip
+    phonemes = torch.tensor([phonemize("Hello there.").ids])
+    _, durations = talker.plan(phonemes)
+    frames = list(talker.generate(phonemes, voice=1, temperature=0.0))
+    assert len(frames) == int(durations.sum()) and all(f.shape == (1, 3, 1) for f in frames)
+    codes = torch.cat(frames, -1)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 16
+    # greedy is deterministic; sampling with a seed too
+    assert torch.equal(torch.cat(list(talker.generate(phonemes, voice=1)), -1), codes)
+    a = torch.cat(list(talker.generate(phonemes, temperature=1.0, top_k=4, generator=torch.Generator().manual_seed(1))), -1)
+    b = torch.cat(list(talker.generate(phonemes, temperature=1.0, top_k=4, generator=torch.Generator().manual_seed(1))), -1)
+    assert torch.equal(a, b)
+
+    heard = []
+    spoken, wav = speak(talker, codec, phonemes, on_audio=heard.append, chunk_frames=2, voice=1)
+    assert torch.equal(spoken, codes)
+    assert wav.shape[-1] == codes.shape[-1] * 320
+    torch.testing.assert_close(torch.cat(heard, -1), wav)
+    torch.testing.assert_close(wav, codec.decode(codes), atol=1e-5 * float(wav.abs().max()), rtol=0)
+    assert len(heard) > 2  # audio arrived before the last frame was made
+
+
+def test_generation_refuses_bad_requests() -> None:
+    talker = Talker(TINY).eval()
+    phonemes = torch.tensor([[PHONEME_ID["h"], PHONEME_ID["i"]]])
+    with pytest.raises(UserInputError, match="voice must be in \\[0, 4\\), got 9"):
+        next(talker.generate(phonemes, voice=9))
+    with pytest.raises(UserInputError, match="speed must be in"):
+        next(talker.generate(phonemes, speed=0))
+    with pytest.raises(UserInputError, match="more than the limit of 1"):
+        next(talker.generate(phonemes, max_frames=1))
+    with pytest.raises(UserInputError, match="one utterance"):
+        talker.plan(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(UserInputError, match="nothing speakable"):
+        phonemize("... !")
