@@ -25,7 +25,7 @@ from omnivox.errors import CheckpointError, UserInputError
 
 # Files of the model-folder format besides config.json, and the CTC head a later CTC stage continues from.
 COPIED_FILES = ("adapter.safetensors", "ctc_head.safetensors")
-COPIED_DIRS = ("lora", "tokenizer")
+COPIED_DIRS = ("lora", "tokenizer", "codec")  # codec/: the speech codec (optional)
 
 
 def export_model_folder(src: str | Path, dst: str | Path, *, generation: dict[str, Any] | None = None) -> Path:

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from omnivox.agent import cli
 from omnivox.agent.generation import GenerationSettings
 from omnivox.agent.model import OmnivoxModel
+from omnivox.decoders.codec import MelCodec, MelCodecConfig, load_codec, save_mel_codec
 from omnivox.prompts import Message
 
 
@@ -22,14 +23,18 @@ def _logits(model, clip):
 def test_export_copies_local_encoders_and_keeps_other_files(tmp_path, capsys):
     src = tiny.make_model_folder(tmp_path / "run")  # encoders in run/parts, by absolute path
     save_file({"blank": torch.randn(32), "log_scale": torch.zeros(())}, src / "ctc_head.safetensors")  # tiny LLM: 32 wide
+    codec = MelCodec(MelCodecConfig(n_mels=8, num_codebooks=2, codebook_size=8, dim=8, intermediate_dim=16, num_layers=1))
+    save_mel_codec(codec, src / "codec")  # the speech codec travels with the folder
     dst = tmp_path / "bundle"
     dst.mkdir()
     (dst / "README.md").write_text("model card")
     rc = cli.main(["export", str(src), "--out", str(dst), "--generation", '{"num_beams": 1, "max_new_tokens": 9}'])
     assert rc == 0 and capsys.readouterr().out.strip() == str(dst)
     assert sorted(p.name for p in dst.iterdir()) == [
-        "README.md", "adapter.safetensors", "beats.pt", "config.json", "ctc_head.safetensors", "lora", "tokenizer", "whisper.pt",
+        "README.md", "adapter.safetensors", "beats.pt", "codec", "config.json", "ctc_head.safetensors", "lora", "tokenizer",
+        "whisper.pt",
     ]
+    assert load_codec(dst / "codec").config == codec.config
     config = json.loads((dst / "config.json").read_text())
     assert [e["path"] for e in config["encoders"]] == ["whisper.pt", "beats.pt"]
     assert config["generation"] == {"num_beams": 1, "max_new_tokens": 9}
