@@ -61,6 +61,11 @@ def run_train(args: argparse.Namespace) -> int:
 
         result = train_codec(config, resume=args.resume, progress=args.progress)
         made = result.checkpoint
+    elif config.stage == "talker":
+        from omnivox.training.talker import train as train_talker
+
+        result = train_talker(config, resume=args.resume, progress=args.progress)
+        made = result.checkpoint
     else:
         from omnivox.training.trainer import train
 
@@ -93,7 +98,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from omnivox.training.trainer import _barrier, init_distributed
 
     config = load_train_config(Path(args.config), args.overrides)
-    if config.stage in ("sound_encoder", "codec"):
+    if config.stage in ("sound_encoder", "codec", "talker"):
         raise ConfigError(f"{args.config}: stage {config.stage!r} reads its audio directly; it has no feature cache")
     if config.threads:
         import torch

@@ -38,8 +38,8 @@ from typing import Any, Literal
 from omnivox.agent.config import EncoderRef
 from omnivox.errors import CheckpointError, UserInputError
 
-Stage = Literal["ctc", "align", "instruct", "sound_encoder", "codec"]
-STANDALONE_STAGES = ("sound_encoder", "codec")  # stages that train a part from scratch, without an LLM
+Stage = Literal["ctc", "align", "instruct", "sound_encoder", "codec", "talker"]
+STANDALONE_STAGES = ("sound_encoder", "codec", "talker")  # stages that train a part from scratch, without an LLM
 DType = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 QuantizationName = Literal["none", "8bit", "4bit"]
@@ -51,6 +51,7 @@ class ConfigError(UserInputError):
 
 SOUND_ENCODER_HAS_NO_MODEL = "stage 'sound_encoder' has no [model] section (its architecture is [sound_encoder.beats])"
 CODEC_HAS_NO_MODEL = "stage 'codec' has no [model] section (its architecture is [codec.model])"
+TALKER_HAS_NO_MODEL = "stage 'talker' has no [model] section (its architecture is [talker.model])"
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,37 @@ class CodecSection:
 
 
 @dataclass(frozen=True)
+class TalkerSection:
+    """Stage ``talker``: the speech head (``training/talker.py``).
+
+    Attributes:
+        codec: the codec folder whose codes the talker learns to emit (``codec.json``).
+        model: ``TalkerConfig`` fields over its defaults (the codec's shape and the phoneme and
+            voice counts are filled in).
+        batch_frames: most (padded) codec frames in one batch.
+        prior_weight / duration_weight: weights of the alignment prior and duration losses.
+    """
+
+    codec: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    batch_frames: int = 3000
+    prior_weight: float = 1.0
+    duration_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.codec:
+            raise ConfigError("talker.codec: the codec folder is required")
+        derived = sorted(set(self.model) & {"num_phonemes", "num_codebooks", "codebook_size", "n_mels", "num_voices"})
+        if derived:
+            raise ConfigError(f"talker.model.{derived[0]} comes from the codec and the data; leave it out")
+        if self.batch_frames < 1:
+            raise ConfigError(f"talker.batch_frames must be >= 1, got {self.batch_frames}")
+        for name in ("prior_weight", "duration_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"talker.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run.
 
@@ -350,6 +382,7 @@ class TrainConfig:
     model: ModelSection | None = None
     sound_encoder: SoundEncoderSection | None = None
     codec: CodecSection | None = None
+    talker: TalkerSection | None = None
     stage: Stage = "align"
     ctc_loss_weight: float = 0.0
     ctc_negatives: int = 8192
@@ -399,9 +432,12 @@ class TrainConfig:
     def _check_standalone(self) -> None:
         """Stages ``sound_encoder`` / ``codec``: no LLM model, and only the options their CPU loops implement."""
         if self.model is not None:
-            raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL if self.stage == "sound_encoder" else CODEC_HAS_NO_MODEL)
+            raise ConfigError(
+                {"sound_encoder": SOUND_ENCODER_HAS_NO_MODEL, "codec": CODEC_HAS_NO_MODEL, "talker": TALKER_HAS_NO_MODEL}[self.stage]
+            )
         if getattr(self, self.stage) is None:
-            object.__setattr__(self, self.stage, {"sound_encoder": SoundEncoderSection, "codec": CodecSection}[self.stage]())
+            object.__setattr__(self, self.stage, {"sound_encoder": SoundEncoderSection, "codec": CodecSection,
+                                                  "talker": TalkerSection}[self.stage]())  # fmt: skip
         # key: (value, what this stage needs, how to say it)
         needs = {
             "device": (self.device, ("auto", "cpu"), "'cpu' (or 'auto')"),

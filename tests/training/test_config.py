@@ -37,7 +37,7 @@ def test_minimal_recipe_and_overrides(tmp_path):
         (MINIMAL + "[optim]\nlr_rate = 1\n", (), "unknown key optim.lr_rate"),
         (MINIMAL, ("optim.lr=-1",), "optim.lr must be > 0, got -1"),
         (MINIMAL, ("optim.batch_size=2.5",), "optim.batch_size must be an integer"),
-        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['ctc', 'align', 'instruct', 'sound_encoder', 'codec'\\]"),
+        (MINIMAL, ("stage=pretrain",), "stage must be one of \\['ctc', 'align', 'instruct', 'sound_encoder', 'codec', 'talker'\\]"),
         (MINIMAL, ("sound_encoder.max_seconds=2",), "\\[sound_encoder\\] is read only by stage 'sound_encoder'"),
         ("stage = 'sound_encoder'\n" + MINIMAL, (), "stage 'sound_encoder' has no \\[model\\] section"),
         (MINIMAL, ("dtype=fp16", "device=cpu"), "fp16 needs a GPU"),

@@ -1,0 +1,142 @@
+"""Training the speech head (stage ``talker``) on a tiny datagen-format folder with a tiny codec,
+run as users run it (``omnivox train RECIPE``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
+from omnivox.training.cli import main
+from omnivox.training.config import ConfigError, load_train_config
+from omnivox.training.talker import (
+    FINAL_DIR,
+    PAIRS_FILE,
+    STATE_FILE,
+    TALKER_CONFIG,
+    clean_speech_items,
+    load_state,
+)
+
+SR = 16_000
+SENTENCES = ["Hello there.", "The soup is hot.", "Open the door.", "It is seven.", "Call me later.", "Good night."]
+
+
+def _speechy(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    f0 = rng.uniform(100, 220)
+    voiced = sum(np.sin(2 * np.pi * k * f0 * t) / k for k in range(1, 5))
+    return (0.2 * voiced * np.clip(np.sin(2 * np.pi * 3 * t), 0, None)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synth")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("validation", 2)):
+        rows = []
+        for i in range(count):
+            rel = f"audio/{split}/{i}.wav"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            audio = _speechy(float(rng.uniform(1.0, 1.6)), rng)
+            sf.write(root / rel, audio, SR)
+            text = SENTENCES[i % len(SENTENCES)]
+            meta = {"segments": [{"label": "speech", "onset": 0.0, "offset": 1.0, "text": text}], "sounds": [],
+                    "augment": [], "text": text, "spoken": text, "voice": {"engine": "espeak", "voice": f"espeak:v{i % 2}"}}  # fmt: skip
+            rows.append({"id": f"{split}-{i}", "audio": rel, "duration": audio.size / SR, "task": "transcription",
+                         "split": split, "metadata": meta})  # fmt: skip
+        noisy = {**rows[0], "id": f"{split}-noisy", "metadata": {**rows[0]["metadata"], "augment": ["noise"]}}
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, noisy]))
+    torch.manual_seed(0)
+    codec = MelCodec(MelCodecConfig(n_mels=16, num_codebooks=2, codebook_size=16, dim=16, intermediate_dim=32, num_layers=1))
+    with torch.no_grad():
+        codec.codebooks.normal_()
+    return root, save_mel_codec(codec, root.parent / "codec")
+
+
+def _recipe(tmp_path: Path, data: Path, codec: Path, out: Path, max_steps: int = 6) -> Path:
+    path = tmp_path / f"{out.name}.toml"
+    path.write_text(f"""
+stage = "talker"
+out_dir = "{out}"
+seed = 0
+save_every = 0
+eval_every = 0
+log_every = 1
+device = "cpu"
+threads = 2
+
+[data]
+dir = "{data}"
+
+[optim]
+max_steps = {max_steps}
+batch_size = 2
+lr = 3e-3
+warmup_steps = 1
+
+[talker]
+codec = "{codec}"
+batch_frames = 200
+
+[talker.model]
+dim = 32
+heads = 4
+ffn = 64
+encoder_layers = 1
+decoder_layers = 1
+dropout = 0.0
+""")
+    return path
+
+
+def test_only_clean_single_voice_speech_is_used(setup) -> None:
+    data, _ = setup
+    items = clean_speech_items(data, "train")
+    assert len(items) == 6 and all(i["id"] != "train-noisy" for i in items)
+
+
+def test_training_lowers_the_code_loss_and_writes_a_talker(setup, tmp_path: Path, capsys) -> None:
+    data, codec = setup
+    out = tmp_path / "run"
+    assert main(["train", str(_recipe(tmp_path, data, codec, out, max_steps=60)), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == str(out / FINAL_DIR)
+    saved = json.loads((out / FINAL_DIR / TALKER_CONFIG).read_text())
+    assert saved["voices"] == ["espeak:v0", "espeak:v1"] and saved["codec"] == "codec"
+    assert saved["config"]["num_codebooks"] == 2 and saved["config"]["codebook_size"] == 16
+    history = [h for h in load_state(out / STATE_FILE)["history"] if h["kind"] == "train"]
+    assert np.mean([h["codes"] for h in history[-5:]]) < 0.8 * np.mean([h["codes"] for h in history[:5]])
+    assert (out / PAIRS_FILE).is_file() and json.loads((out / "metrics.json").read_text())["train_utterances"] == 6
+
+
+def test_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path: Path) -> None:
+    data, codec = setup
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", str(_recipe(tmp_path, data, codec, straight)), "--no-progress"]) == 0
+    recipe = str(_recipe(tmp_path, data, codec, resumed))
+    assert main(["train", recipe, "--no-progress", "--set", "stop_at_step=3"]) == 0
+    assert main(["train", recipe, "--no-progress"]) == 0
+    state, reference = load_state(resumed / STATE_FILE), load_state(straight / STATE_FILE)
+    assert [h["total"] for h in state["history"]] == pytest.approx([h["total"] for h in reference["history"]])
+    for key, value in state["talker"].items():
+        torch.testing.assert_close(value, reference["talker"][key], msg=key)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["talker.codec="], "talker.codec: the codec folder is required"),
+        (["talker.model.num_codebooks=3"], "talker.model.num_codebooks comes from the codec"),
+        (["talker.batch_frames=0"], "talker.batch_frames must be >= 1"),
+        (["model.init_from=x"], "stage 'talker' has no \\[model\\] section"),
+    ],
+)
+def test_bad_recipe_fields_are_named(setup, tmp_path: Path, overrides: list[str], message: str) -> None:
+    data, codec = setup
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(_recipe(tmp_path, data, codec, tmp_path / "run"), overrides)

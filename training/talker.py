@@ -1,0 +1,298 @@
+"""Training the speech head (:class:`omnivox.decoders.talker.Talker`) on synthetic speech.
+
+Stage ``talker`` (``omnivox train recipes/nano_talker.toml``). The training pairs are the
+clean single-voice speech clips of a datagen folder (one speech segment, no sounds, no
+background, no augmentation): the text as spoken (``metadata.spoken``) -> phonemes, the
+voice (``metadata.voice.voice``) -> a row of the voice table, the audio -> the codec's codes
+and normalised mel frames (the codec is frozen; its quantiser alone is used here).
+
+The first run encodes every pair once into ``out_dir/pairs.pt`` (codes int16, frames float16);
+later runs and resumed runs read it back. Batches are a function of ``(seed, step)`` only.
+Outputs: ``last.pt`` (resumable), ``history.jsonl``, and at ``optim.max_steps`` the folder
+``talker/`` (``talker.json``: config, voice table, codec folder name; ``talker.safetensors``)
+and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from omnivox.decoders.codec import MelCodec, load_mel_codec
+from omnivox.decoders.phonemes import PHONEMES, phonemize
+from omnivox.decoders.talker import Talker, TalkerConfig
+from omnivox.encoders.base import torch_load_checkpoint
+from omnivox.errors import CheckpointError, UserInputError
+from omnivox.training.config import ConfigError, TrainConfig
+from omnivox.training.sound_encoder import _save_state, lr_lambda, make_optimizer, read_audio
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "last.pt"
+PAIRS_FILE = "pairs.pt"
+FINAL_DIR = "talker"
+TALKER_CONFIG = "talker.json"
+TALKER_WEIGHTS = "talker.safetensors"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training utterance."""
+
+    phonemes: torch.Tensor  # [N] int64
+    codes: torch.Tensor  # [K, T] int16
+    frames: torch.Tensor  # [T, M] float16, the codec's normalised mel
+    voice: str
+
+
+def clean_speech_items(data_dir: Path, split: str) -> list[dict[str, Any]]:
+    """Items of one speaker saying one sentence with nothing else in the clip."""
+    manifest = data_dir / f"{split}.jsonl"
+    if not manifest.is_file():
+        raise UserInputError(f"data.dir {data_dir}: no {manifest.name}")
+    out = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{manifest}:{number}: not valid JSON ({err})") from None
+        meta = item.get("metadata") or {}
+        segments = meta.get("segments") or []
+        voice = meta.get("voice") or {}
+        spoken = meta.get("spoken") or meta.get("text")
+        if (
+            len(segments) == 1 and segments[0].get("label") == "speech" and not meta.get("sounds")
+            and not meta.get("background") and not meta.get("augment") and isinstance(spoken, str)
+            and isinstance(voice, dict) and voice.get("voice")
+        ):  # fmt: skip
+            out.append(item)
+    return out
+
+
+@torch.no_grad()
+def encode_pairs(codec: MelCodec, data_dir: Path, items: list[dict[str, Any]], progress: bool) -> list[Pair]:
+    from tqdm import tqdm
+
+    pairs = []
+    for item in tqdm(items, desc="talker pairs", disable=not progress):
+        meta = item["metadata"]
+        try:
+            ids = phonemize(meta.get("spoken") or meta["text"]).ids
+        except UserInputError:
+            continue
+        wav = torch.from_numpy(read_audio(data_dir / item["audio"]))[None]
+        z = codec.normalize(codec.log_mel(wav))  # [1, T, M]
+        codes = codec.quantize(z)[0]  # [K, T]
+        if codes.shape[-1] < len(ids):
+            continue  # faster than one frame per phoneme: cannot be aligned
+        pairs.append(Pair(torch.tensor(ids), codes.to(torch.int16), z[0].half(), str(meta["voice"]["voice"])))
+    return pairs
+
+
+def collate(pairs: list[Pair], voices: dict[str, int]) -> dict[str, torch.Tensor]:
+    n = max(len(p.phonemes) for p in pairs)
+    t = max(p.codes.shape[-1] for p in pairs)
+    k, m = pairs[0].codes.shape[0], pairs[0].frames.shape[-1]
+    batch = {
+        "phonemes": torch.zeros(len(pairs), n, dtype=torch.long), "phoneme_mask": torch.zeros(len(pairs), n, dtype=torch.bool),
+        "codes": torch.zeros(len(pairs), k, t, dtype=torch.long), "frame_mask": torch.zeros(len(pairs), t, dtype=torch.bool),
+        "target_frames": torch.zeros(len(pairs), t, m), "voice": torch.tensor([voices.get(p.voice, 0) for p in pairs]),
+        "task": torch.zeros(len(pairs), dtype=torch.long),
+    }  # fmt: skip
+    for i, p in enumerate(pairs):
+        batch["phonemes"][i, : len(p.phonemes)] = p.phonemes
+        batch["phoneme_mask"][i, : len(p.phonemes)] = True
+        batch["codes"][i, :, : p.codes.shape[-1]] = p.codes.long()
+        batch["frame_mask"][i, : p.codes.shape[-1]] = True
+        batch["target_frames"][i, : p.codes.shape[-1]] = p.frames.float()
+    return batch
+
+
+def plan_batch(pairs: list[Pair], step: int, seed: int, max_frames: int) -> list[int]:
+    """Indices of similar-length pairs (a random anchor and its neighbours by length) whose
+    padded size fits ``max_frames``; a function of ``(seed, step)`` only."""
+    rng = np.random.default_rng([seed, step])
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i].codes.shape[-1])
+    at = int(rng.integers(0, len(order)))
+    chosen = [order[at]]
+    lo, hi = at - 1, at + 1
+    while True:
+        nxt = hi if hi < len(order) and (lo < 0 or rng.random() < 0.5) else lo
+        if nxt < 0 or nxt >= len(order):
+            break
+        longest = max(pairs[i].codes.shape[-1] for i in [*chosen, order[nxt]])
+        if longest * (len(chosen) + 1) > max_frames:
+            break
+        chosen.append(order[nxt])
+        lo, hi = (lo - 1, hi) if nxt == lo else (lo, hi + 1)
+    return chosen
+
+
+def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in talker.state_dict().items()}, str(folder / TALKER_WEIGHTS))
+    data = {"config": asdict(talker.config), "voices": voices, "codec": codec_name, "phonemes": list(PHONEMES)}
+    (folder / TALKER_CONFIG).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+@dataclass(frozen=True)
+class TalkerResult:
+    step: int
+    checkpoint: Path | None
+    finished: bool
+    interrupted: bool = False
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    state = torch_load_checkpoint(path, "talker training state")
+    missing = [k for k in ("step", "talker_cfg", "talker", "optimizer", "scheduler", "history", "voices")
+               if not isinstance(state, dict) or k not in state]  # fmt: skip
+    if missing:
+        raise CheckpointError(f"{path}: not a talker training state (missing {missing})")
+    return state
+
+
+@torch.no_grad()
+def validate(talker: Talker, pairs: list[Pair], voices: dict[str, int], max_frames: int) -> dict[str, float]:
+    talker.eval()
+    sums: dict[str, float] = {}
+    batches = 0
+    for start in range(0, len(pairs), 8):
+        chunk = [p for p in pairs[start : start + 8] if p.codes.shape[-1] <= max_frames]
+        if not chunk:
+            continue
+        losses = talker(**collate(chunk, voices))
+        for name in ("total", "codes", "prior", "duration", "accuracy"):
+            sums[name] = sums.get(name, 0.0) + getattr(losses, name).item()
+        batches += 1
+    talker.train()
+    return {k: v / max(1, batches) for k, v in sums.items()}
+
+
+def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> TalkerResult:
+    """Encode the pairs (once), then train the talker, as ``config`` (stage ``talker``) says."""
+    from tqdm import tqdm
+
+    section, optim = config.talker, config.optim
+    if config.stage != "talker" or section is None:
+        raise ConfigError(f"stage must be 'talker' to train a talker, got {config.stage!r}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out, data_dir = Path(config.out_dir), Path(config.data.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    codec = load_mel_codec(section.codec)
+    pairs_path = out / PAIRS_FILE
+    if pairs_path.is_file():
+        saved = torch_load_checkpoint(pairs_path, "talker pairs")
+        train_pairs = [Pair(**p) for p in saved["train"]]
+        val_pairs = [Pair(**p) for p in saved["validation"]]
+    else:
+        train_items = clean_speech_items(data_dir, "train")
+        if config.data.max_items:
+            train_items = train_items[: config.data.max_items]
+        val_items = clean_speech_items(data_dir, "validation")[: config.data.eval_items or None]
+        train_pairs = encode_pairs(codec, data_dir, train_items, progress)
+        val_pairs = encode_pairs(codec, data_dir, val_items, progress)
+        torch.save({"train": [p.__dict__ for p in train_pairs], "validation": [p.__dict__ for p in val_pairs]}, pairs_path)
+    if not train_pairs:
+        raise UserInputError(f"data.dir {data_dir}: no clean single-voice speech items to train a talker on")
+    state_path = out / STATE_FILE
+    state = load_state(state_path) if resume and state_path.is_file() else None
+    voices = list(state["voices"]) if state else sorted({p.voice for p in train_pairs})
+    voice_ids = {v: i for i, v in enumerate(voices)}
+    if state:
+        cfg = TalkerConfig.from_dict(state["talker_cfg"])
+    else:
+        try:
+            cfg = TalkerConfig.from_dict({
+                "num_phonemes": len(PHONEMES), "num_codebooks": codec.num_codebooks, "codebook_size": codec.codebook_size,
+                "n_mels": codec.config.n_mels, "num_voices": max(1, len(voices)), **section.model,
+            })  # fmt: skip
+        except (CheckpointError, TypeError) as err:
+            raise ConfigError(f"talker.model: {err}") from None
+    torch.manual_seed(config.seed)
+    talker = Talker(cfg).train()
+    optimizer = make_optimizer([talker], optim.lr, optim.weight_decay, optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
+    history: list[dict[str, Any]] = []
+    step, wall = 0, 0.0
+    if state:
+        try:
+            talker.load_state_dict(state["talker"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{state_path}: does not fit the talker it describes ({err})") from None
+        history, step, wall = list(state["history"]), int(state["step"]), float(state["wall_seconds"])
+    logger.info("talker: %.2f M params; %d train / %d validation utterances (%.2f h); %d voices",
+                sum(p.numel() for p in talker.parameters()) / 1e6, len(train_pairs), len(val_pairs),
+                sum(p.codes.shape[-1] for p in train_pairs) / codec.frame_rate / 3600, len(voices))  # fmt: skip
+
+    def snapshot() -> dict[str, Any]:
+        return {"step": step, "wall_seconds": wall, "talker_cfg": asdict(cfg), "talker": talker.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                "voices": voices, "torch_rng": torch.get_rng_state()}  # fmt: skip
+
+    target = min(optim.max_steps, config.stop_at_step) if config.stop_at_step else optim.max_steps
+    bar = tqdm(total=optim.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train talker")
+    start_time = time.monotonic()
+    try:
+        while step < target:
+            started = time.perf_counter()
+            chosen = plan_batch(train_pairs, step, config.seed, section.batch_frames)
+            losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids),
+                            prior_weight=section.prior_weight, duration_weight=section.duration_weight)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            if optim.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(talker.parameters(), optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            wall += time.perf_counter() - started
+            row = {"kind": "train", "step": step, "utterances": len(chosen), "lr": scheduler.get_last_lr()[0],
+                   **{k: getattr(losses, k).item() for k in ("total", "codes", "prior", "duration", "accuracy")}}  # fmt: skip
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(codes=f"{row['codes']:.3f}", acc=f"{row['accuracy']:.3f}")
+            if step % config.log_every == 0:
+                logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+            if config.eval_every and step % config.eval_every == 0 and step < optim.max_steps:
+                history.append({"kind": "val", "step": step, **validate(talker, val_pairs, voice_ids, section.batch_frames)})
+                logger.info("step %d validation: %s", step, history[-1])
+            over_time = config.time_limit_minutes and time.monotonic() - start_time > 60 * config.time_limit_minutes
+            if (config.save_every and step % config.save_every == 0) or step == target or over_time:
+                _save_state(state_path, snapshot())
+                (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+            if over_time:
+                break
+    except KeyboardInterrupt:
+        _save_state(state_path, snapshot())
+        return TalkerResult(step, None, finished=False, interrupted=True)
+    finally:
+        bar.close()
+    finished = step >= optim.max_steps
+    metrics: dict[str, Any] = {}
+    if finished:
+        metrics = validate(talker, val_pairs, voice_ids, section.batch_frames)
+        save_talker(talker.eval(), voices, Path(section.codec).name, out / FINAL_DIR)
+        metrics.update(step=step, wall_seconds=wall, voices=len(voices), train_utterances=len(train_pairs))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+    return TalkerResult(step, out / FINAL_DIR if finished else None, finished, metrics=metrics)
+
