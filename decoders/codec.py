@@ -10,9 +10,9 @@ Two implementations:
   (e.g. a ``facebook/encodec_24khz`` folder), at any of its bandwidths.
 - :class:`MelCodec`: the codec trained here for the bundled nano model. Its codes are a
   residual vector quantisation (RVQ) of normalised log-mel frames; its decoder is a causal
-  ConvNeXt stack that predicts, for each frame, the magnitudes of short synthesis pieces and
-  corrections to their phase advance (accumulated as in a phase vocoder), turned into audio by
-  an inverse STFT with overlap-add (Vocos-style, with accumulated phase). Why this design: one CPU try at an EnCodec-style codec
+  ConvNeXt stack that predicts, for each frame, the magnitudes and phases of its synthesis
+  pieces (phases relative to a phase vocoder's advance), turned into audio by an inverse STFT
+  with overlap-add (Vocos-style). Why this design: one CPU try at an EnCodec-style codec
   (a 320x transposed-convolution stack) never left its starting plateau on 2 cores, while a
   decoder that works at the frame rate and leaves the last step to the inverse FFT trains at
   once (shared/DESIGN.md section 12). The quantiser is fitted by residual k-means (no
@@ -341,6 +341,10 @@ class MelCodec(Codec):
         self.final_norm = nn.LayerNorm(c.dim, eps=1e-6)
         # per frame, `upsample` pieces: log-magnitude and phase of synth_n_fft // 2 + 1 bins each
         self.head = nn.Linear(c.dim, c.upsample * (c.synth_n_fft + 2))
+        with torch.no_grad():  # phases start at the reference: a coherent phase vocoder, not noise
+            rows = self.head.weight.view(c.upsample, c.synth_n_fft + 2, c.dim)
+            rows[:, c.synth_n_fft // 2 + 1 :].zero_()
+            self.head.bias.view(c.upsample, c.synth_n_fft + 2)[:, c.synth_n_fft // 2 + 1 :].zero_()
 
     @property
     def receptive_field(self) -> int:
@@ -388,8 +392,9 @@ class MelCodec(Codec):
 
     # ------------------------------------------------------------------ synthesis
     def piece_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised (quantised) frames ``z [B, T, M]`` -> log-magnitudes and phase corrections of
-        the synthesis pieces, each ``[B, T * upsample, synth_n_fft // 2 + 1]``."""
+        """Normalised (quantised) frames ``z [B, T, M]`` -> log-magnitudes and phases (relative to
+        the phase-vocoder reference, see :meth:`spectra`) of the synthesis pieces, each
+        ``[B, T * upsample, synth_n_fft // 2 + 1]``."""
         k = self.config.kernel_size - 1
         x = self.embed(F.pad(z.transpose(1, 2), (k, 0)))  # [B, D, T]
         x = self.embed_norm(x.transpose(1, 2)).transpose(1, 2)
@@ -397,29 +402,28 @@ class MelCodec(Codec):
             x = block(x)
         h = self.head(self.final_norm(x.transpose(1, 2)))  # [B, T, up * (n + 2)]
         h = h.reshape(h.shape[0], -1, self.config.synth_n_fft + 2)  # [B, T * up, n + 2]
-        log_mag, delta = h.chunk(2, dim=-1)
-        return log_mag, delta
+        log_mag, phase = h.chunk(2, dim=-1)
+        return log_mag, phase
 
     def spectra(
-        self, log_mag: torch.Tensor, delta: torch.Tensor, phase0: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Complex spectra of the pieces ``[B, P, F]`` and the phase after the last piece ``[B, F]``.
+        self, log_mag: torch.Tensor, phase: torch.Tensor, first_piece: int = 0
+    ) -> tuple[torch.Tensor, int]:
+        """Complex spectra of the pieces ``[B, P, F]`` and the index of the next piece.
 
-        Phase is accumulated, as a phase vocoder does: each piece advances bin ``k`` by its
-        centre frequency times the hop, plus the predicted correction ``delta``. A decoder that
-        predicted absolute phases would give every piece of a steady input the same phase, i.e.
-        a signal periodic in the hop (energy only at multiples of 100 Hz); accumulated, a steady
-        tone needs only a constant correction. Summed in float64 and wrapped, so long clips keep
-        their precision and a stream that carries ``phase0`` gives the same numbers."""
+        The phase of bin ``k`` in piece ``p`` is the predicted ``phase`` plus a reference that
+        advances by the bin's centre frequency times the hop, as a phase vocoder's would. A
+        decoder predicting phases alone gives a steady input the same phase in every piece, a
+        signal periodic in the hop (energy only at multiples of 50 Hz); with the reference, a
+        constant prediction is a steady tone at the bin's frequency (12.5 Hz apart). The
+        reference is computed in float64 from the global piece index and wrapped, so a stream
+        that counts pieces gives the same numbers. (Accumulating predicted phase increments
+        instead, which also fits tones between bins, trained ~20 % slower on CPU here.)"""
         c = self.config
-        bins = torch.arange(c.synth_n_fft // 2 + 1, dtype=torch.float64, device=delta.device)
-        step = delta.double() + (2 * math.pi * c.synth_hop / c.synth_n_fft) * bins  # [B, P, F]
-        phase = torch.cumsum(step, dim=1)
-        if phase0 is not None:
-            phase = phase + phase0[:, None]
-        phase = torch.remainder(phase, 2 * math.pi)
+        bins = torch.arange(c.synth_n_fft // 2 + 1, dtype=torch.float64, device=phase.device)
+        pieces = torch.arange(first_piece, first_piece + phase.shape[1], dtype=torch.float64, device=phase.device)
+        advance = torch.remainder(pieces[:, None] * bins * (2 * math.pi * c.synth_hop / c.synth_n_fft), 2 * math.pi)
         mag = torch.exp(log_mag).clamp(max=1e2)
-        return torch.polar(mag, phase.to(mag.dtype)), phase[:, -1]
+        return torch.polar(mag, phase + advance.to(phase.dtype)), first_piece + phase.shape[1]
 
     def frames_to_audio(self, spectra: torch.Tensor) -> torch.Tensor:
         """Windowed inverse FFT of each piece ``[B, P, F]`` -> overlapping pieces ``[B, P, synth_n_fft]``."""
@@ -461,7 +465,7 @@ class MelCodecStream(CodecStream):
         self.codec = codec
         self.context: torch.Tensor | None = None  # [B, <= receptive_field - 1, M] normalised frames
         self.tail: torch.Tensor | None = None  # [B, synth_n_fft - synth_hop] unfinished sums
-        self.phase: torch.Tensor | None = None  # [B, F] float64 accumulated phase after the last piece
+        self.pieces = 0  # synthesis pieces made so far (the phase reference's clock)
         self.skip = codec.config.synth_n_fft - codec.config.synth_hop  # lead-in samples before sample 0
 
     def _drop_lead(self, out: torch.Tensor) -> torch.Tensor:
@@ -477,8 +481,8 @@ class MelCodecStream(CodecStream):
             return torch.zeros(codes.shape[0], 1, 0)
         z = codec.dequantize(codes)  # [B, t, M]
         frames = z if self.context is None else torch.cat([self.context, z], dim=1)
-        log_mag, delta = (x[:, -z.shape[1] * c.upsample :] for x in codec.piece_outputs(frames))
-        spectra, self.phase = codec.spectra(log_mag, delta, self.phase)
+        log_mag, phase = (x[:, -z.shape[1] * c.upsample :] for x in codec.piece_outputs(frames))
+        spectra, self.pieces = codec.spectra(log_mag, phase, self.pieces)
         audio = codec.overlap_add(codec.frames_to_audio(spectra))  # [B, (t * up - 1) * synth_hop + synth_n_fft]
         lead = c.synth_n_fft - c.synth_hop
         if self.tail is not None:

@@ -173,14 +173,15 @@ def sound_checks(codec: Codec, per_kind: int = 6, seed: int = 0) -> list[SoundSc
         y, _ = resynthesize(codec, x)
         want = float(event.params["freq_hz"])
         got = tone_pitch(y[: event.samples.size])
-        scores.append(SoundScore("tone", event.caption, want, tone_pitch(event.samples), got, abs(got - want) <= 0.03 * want))
+        passed = bool(abs(got - want) <= 0.03 * want)
+        scores.append(SoundScore("tone", event.caption, want, float(tone_pitch(event.samples)), float(got), passed))
     for make in (make_beeps, make_clicks, make_knocks):
         for _ in range(per_kind):
             event = make(rng)
             x = np.concatenate([event.samples, np.zeros(3200, np.float32)])
             y, _ = resynthesize(codec, x)
             before, after = len(detect_onsets(x)), len(detect_onsets(y))
-            scores.append(SoundScore(event.label, event.caption, float(event.count), float(before), float(after), after == event.count))
+            scores.append(SoundScore(event.label, event.caption, float(event.count), float(before), float(after), bool(after == event.count)))
     return scores
 
 
