@@ -86,18 +86,13 @@ def _read_16k(path: Path) -> np.ndarray:
 def held_out_clips(data_dir: Path, split: str = "test", limit: int | None = 40) -> list[CodecClip]:
     """Transcription items of a datagen split (their voices are held out of training)."""
     from omnivox.training.ctc import transcript_of
+    from omnivox.training.data import iter_jsonl
 
     manifest = data_dir / f"{split}.jsonl"
     if not manifest.is_file():
         raise UserInputError(f"--data {data_dir}: no {manifest.name} (make one with `omnivox data synth`)")
     clips = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{manifest}:{number}: not valid JSON ({err})") from None
+    for _, item in iter_jsonl(manifest):
         meta = item.get("metadata") or {}
         text = transcript_of(meta)
         if item.get("task") != "transcription" or not text:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
-from omnivox.encoders.base import SAMPLE_RATE, torch_load_checkpoint
+from omnivox.encoders.base import SAMPLE_RATE
 from omnivox.errors import CheckpointError
 from omnivox.training.config import CodecSection, ConfigError, TrainConfig
+from omnivox.training.data import iter_jsonl
 from omnivox.training.sound_encoder import (
     Clip,
+    PartResult,
     _save_state,
+    load_part_state,
     load_split,
     lr_lambda,
     make_optimizer,
@@ -176,14 +179,10 @@ NATURAL_ENGINES = ("kokoro", "piper")  # neural voices trained on recordings of 
 
 def natural_clips(data_dir: str | Path, split: str, clips: list[Clip]) -> list[int]:
     """Indices of ``clips`` spoken by a natural-sounding engine (``metadata.voice.engine``)."""
-    manifest = Path(data_dir) / f"{split}.jsonl"
     engines = {}
-    if manifest.is_file():
-        for line in manifest.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                item = json.loads(line)  # load_split has read this file already: it parses
-                voice = (item.get("metadata") or {}).get("voice") or {}
-                engines[str(item.get("id"))] = voice.get("engine") if isinstance(voice, dict) else None
+    for _, item in iter_jsonl(Path(data_dir) / f"{split}.jsonl"):
+        voice = (item.get("metadata") or {}).get("voice") or {}
+        engines[str(item.get("id"))] = voice.get("engine") if isinstance(voice, dict) else None
     return [i for i, clip in enumerate(clips) if engines.get(clip.id) in NATURAL_ENGINES]
 
 
@@ -238,23 +237,8 @@ def validate(codec: MelCodec, loss_fn: SpectralLoss, clips: list[Clip], seconds:
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CodecResult:
-    """How a run ended: ``step`` done, the ``codec`` folder when finished, final ``metrics``."""
-
-    step: int
-    checkpoint: Path | None
-    finished: bool
-    interrupted: bool = False
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 def load_state(path: Path) -> dict[str, Any]:
-    state = torch_load_checkpoint(path, "codec training state")
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a codec training state (missing {missing})")
-    return state
+    return load_part_state(path, "codec", STATE_KEYS)
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
@@ -284,7 +268,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> CodecResult:
+def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> PartResult:
     """Fit the quantiser, then train the decoder, as ``config`` (stage ``codec``) says."""
     from tqdm import tqdm
 
@@ -387,7 +371,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Co
         if step > last_saved:
             _save_state(state_path, snapshot())
         logger.warning("interrupted at step %d; rerun the same command to resume", step)
-        return CodecResult(step, None, finished=False, interrupted=True)
+        return PartResult(step, None, finished=False, interrupted=True)
     finally:
         bar.close()
 
@@ -404,4 +388,4 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Co
         plot_losses(history, out / "loss.png")
     except ImportError:
         logger.warning("matplotlib is not installed: no loss.png")
-    return CodecResult(step, out / FINAL_DIR if finished else None, finished, metrics=metrics)
+    return PartResult(step, out / FINAL_DIR if finished else None, finished, metrics=metrics)

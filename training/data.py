@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,11 +90,14 @@ class ManifestItem:
         return out
 
 
-def read_manifest(path: Path) -> list[ManifestItem]:
-    """Parse a JSON-lines manifest; errors name the file and line."""
+def iter_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("file:line", object)`` for each non-empty line of a JSON-lines file.
+
+    Raises:
+        UserInputError: the file is missing, or a line is not a JSON object (file and line named).
+    """
     if not path.is_file():
         raise UserInputError(f"manifest not found: {path}")
-    items = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -103,6 +106,15 @@ def read_manifest(path: Path) -> list[ManifestItem]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserInputError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise UserInputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
+def read_manifest(path: Path) -> list[ManifestItem]:
+    """Parse a JSON-lines manifest; errors name the file and line."""
+    items = []
+    for where, row in iter_jsonl(path):
         missing = [k for k in ("audio", "instruction", "answer") if not isinstance(row.get(k), str)]
         if missing:
             raise UserInputError(f"{where}: missing or non-string field(s) {missing}")

@@ -472,17 +472,22 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """Read a resumable state written by :func:`train` (``weights_only=True``: no code runs from the file).
+def load_part_state(path: Path, what: str, keys: Sequence[str]) -> dict[str, Any]:
+    """Read a resumable state of a ``what`` run (``weights_only=True``: no code runs from the file).
 
     Raises:
-        CheckpointError: unreadable, or not a sound-encoder state (the missing keys are named).
+        CheckpointError: unreadable, or without ``keys`` (the missing ones are named).
     """
-    state = torch_load_checkpoint(path, "sound-encoder training state")
-    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    state = torch_load_checkpoint(path, f"{what} training state")
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CheckpointError(f"{path}: not a sound-encoder training state (missing {missing})")
+        raise CheckpointError(f"{path}: not a {what} training state (missing {missing})")
     return state
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a resumable state written by :func:`train`."""
+    return load_part_state(path, "sound-encoder", STATE_KEYS)
 
 
 def plot_losses(history: Sequence[dict[str, Any]], path: Path) -> None:
@@ -522,12 +527,14 @@ def plot_losses(history: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class SoundEncoderResult:
-    """How a run ended (as ``omnivox.training.trainer.TrainResult``).
+class PartResult:
+    """How a run of a stage that trains one part from scratch ended (``sound_encoder``, ``codec``,
+    ``talker``; as ``omnivox.training.trainer.TrainResult`` for the LLM stages).
 
     Attributes:
         step: optimizer steps done.
-        checkpoint: ``out_dir/beats_nano.pt`` when the run reached ``optim.max_steps``, else None.
+        checkpoint: what the run made (``out_dir/beats_nano.pt``, ``out_dir/codec``,
+            ``out_dir/talker``) when it reached ``optim.max_steps``, else None.
         finished: the run reached ``optim.max_steps``.
         interrupted: stopped by Ctrl-C (the state at the last finished step is saved).
         metrics: the final validation metrics (with ``step``, ``wall_seconds``, ``params``,
@@ -541,7 +548,7 @@ class SoundEncoderResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> SoundEncoderResult:
+def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> PartResult:
     """Train a BEATs sound encoder as ``config`` (stage ``sound_encoder``) says.
 
     Writes ``out_dir/last.pt`` every ``save_every`` steps and where the run stops
@@ -707,7 +714,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> So
         if step > last_saved:
             _save_state(state_path, snapshot(rng_done))
         logger.warning("interrupted at step %d; rerun the same command to resume", step)
-        return SoundEncoderResult(step, None, finished=False, interrupted=True)
+        return PartResult(step, None, finished=False, interrupted=True)
     finally:
         bar.close()
         if hook is not None:
@@ -729,4 +736,4 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> So
         plot_losses(history, out / "loss.png")
     except ImportError:  # matplotlib is optional
         logger.warning("matplotlib is not installed: no loss.png")
-    return SoundEncoderResult(step, out / FINAL_FILE if finished else None, finished, metrics=metrics)
+    return PartResult(step, out / FINAL_FILE if finished else None, finished, metrics=metrics)

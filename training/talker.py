@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,15 @@ from omnivox.decoders.talker import Talker, TalkerConfig
 from omnivox.encoders.base import torch_load_checkpoint
 from omnivox.errors import CheckpointError, UserInputError
 from omnivox.training.config import ConfigError, TrainConfig
-from omnivox.training.sound_encoder import _save_state, lr_lambda, make_optimizer, read_audio
+from omnivox.training.data import iter_jsonl
+from omnivox.training.sound_encoder import (
+    PartResult,
+    _save_state,
+    load_part_state,
+    lr_lambda,
+    make_optimizer,
+    read_audio,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +63,8 @@ class Pair:
 
 def clean_speech_items(data_dir: Path, split: str) -> list[dict[str, Any]]:
     """Items of one speaker saying one sentence with nothing else in the clip."""
-    manifest = data_dir / f"{split}.jsonl"
-    if not manifest.is_file():
-        raise UserInputError(f"data.dir {data_dir}: no {manifest.name}")
     out = []
-    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{manifest}:{number}: not valid JSON ({err})") from None
+    for _, item in iter_jsonl(data_dir / f"{split}.jsonl"):
         meta = item.get("metadata") or {}
         segments = meta.get("segments") or []
         voice = meta.get("voice") or {}
@@ -148,22 +147,8 @@ def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path
     return folder
 
 
-@dataclass(frozen=True)
-class TalkerResult:
-    step: int
-    checkpoint: Path | None
-    finished: bool
-    interrupted: bool = False
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-
 def load_state(path: Path) -> dict[str, Any]:
-    state = torch_load_checkpoint(path, "talker training state")
-    missing = [k for k in ("step", "talker_cfg", "talker", "optimizer", "scheduler", "history", "voices")
-               if not isinstance(state, dict) or k not in state]  # fmt: skip
-    if missing:
-        raise CheckpointError(f"{path}: not a talker training state (missing {missing})")
-    return state
+    return load_part_state(path, "talker", ("step", "talker_cfg", "talker", "optimizer", "scheduler", "history", "voices"))
 
 
 @torch.no_grad()
@@ -183,7 +168,7 @@ def validate(talker: Talker, pairs: list[Pair], voices: dict[str, int], max_fram
     return {k: v / max(1, batches) for k, v in sums.items()}
 
 
-def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> TalkerResult:
+def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> PartResult:
     """Encode the pairs (once), then train the talker, as ``config`` (stage ``talker``) says."""
     from tqdm import tqdm
 
@@ -283,7 +268,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Ta
                 break
     except KeyboardInterrupt:
         _save_state(state_path, snapshot())
-        return TalkerResult(step, None, finished=False, interrupted=True)
+        return PartResult(step, None, finished=False, interrupted=True)
     finally:
         bar.close()
     finished = step >= optim.max_steps
@@ -294,5 +279,5 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Ta
         metrics.update(step=step, wall_seconds=wall, voices=len(voices), train_utterances=len(train_pairs))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-    return TalkerResult(step, out / FINAL_DIR if finished else None, finished, metrics=metrics)
+    return PartResult(step, out / FINAL_DIR if finished else None, finished, metrics=metrics)
 
