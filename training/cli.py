@@ -11,6 +11,7 @@ Also runnable directly, which is how ``torchrun`` starts it::
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -46,25 +47,15 @@ def run_train(args: argparse.Namespace) -> int:
     """Run ``omnivox train``; 0 when the run reached max_steps (or stopped at stop_at_step), 130 when interrupted.
 
     Prints what a finished run made: the model folder, for stage ``sound_encoder`` the BEATs checkpoint,
-    for stage ``codec`` the codec folder.
+    for stages ``codec`` / ``talker`` the codec / talker folder.
     """
-    from omnivox.training.config import load_train_config
+    from omnivox.training.config import STANDALONE_STAGES, load_train_config
 
     config = load_train_config(Path(args.config), args.overrides)
-    if config.stage == "sound_encoder":
-        from omnivox.training.sound_encoder import train as train_sound_encoder
-
-        result = train_sound_encoder(config, resume=args.resume, progress=args.progress)
-        made = result.checkpoint
-    elif config.stage == "codec":
-        from omnivox.training.codec import train as train_codec
-
-        result = train_codec(config, resume=args.resume, progress=args.progress)
-        made = result.checkpoint
-    elif config.stage == "talker":
-        from omnivox.training.talker import train as train_talker
-
-        result = train_talker(config, resume=args.resume, progress=args.progress)
+    if config.stage in STANDALONE_STAGES:  # each trained by training/<stage>.py's train()
+        result = importlib.import_module(f"omnivox.training.{config.stage}").train(
+            config, resume=args.resume, progress=args.progress
+        )
         made = result.checkpoint
     else:
         from omnivox.training.trainer import train
@@ -92,13 +83,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cache(args: argparse.Namespace) -> int:
     """Run ``omnivox cache-features``: encode every clip of the recipe's dataset once (resumable)."""
     from omnivox.training.build import build_model, feature_geometry, resolve_device
-    from omnivox.training.config import ConfigError, load_train_config
+    from omnivox.training.config import STANDALONE_STAGES, ConfigError, load_train_config
     from omnivox.training.data import load_split
     from omnivox.training.features import FeatureCache
     from omnivox.training.trainer import _barrier, init_distributed
 
     config = load_train_config(Path(args.config), args.overrides)
-    if config.stage in ("sound_encoder", "codec", "talker"):
+    if config.stage in STANDALONE_STAGES:
         raise ConfigError(f"{args.config}: stage {config.stage!r} reads its audio directly; it has no feature cache")
     if config.threads:
         import torch

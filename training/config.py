@@ -39,7 +39,6 @@ from omnivox.agent.config import EncoderRef
 from omnivox.errors import CheckpointError, UserInputError
 
 Stage = Literal["ctc", "align", "instruct", "sound_encoder", "codec", "talker"]
-STANDALONE_STAGES = ("sound_encoder", "codec", "talker")  # stages that train a part from scratch, without an LLM
 DType = Literal["fp32", "bf16", "fp16"]
 Scheduler = Literal["cosine", "linear", "constant"]
 QuantizationName = Literal["none", "8bit", "4bit"]
@@ -49,9 +48,12 @@ class ConfigError(UserInputError):
     """A training recipe is invalid; the message names the key."""
 
 
-SOUND_ENCODER_HAS_NO_MODEL = "stage 'sound_encoder' has no [model] section (its architecture is [sound_encoder.beats])"
-CODEC_HAS_NO_MODEL = "stage 'codec' has no [model] section (its architecture is [codec.model])"
-TALKER_HAS_NO_MODEL = "stage 'talker' has no [model] section (its architecture is [talker.model])"
+
+
+def has_no_model(stage: str) -> str:
+    """The error for a ``[model]`` section in a stage that trains one part from scratch."""
+    table = "beats" if stage == "sound_encoder" else "model"
+    return f"stage {stage!r} has no [model] section (its architecture is [{stage}.{table}])"
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,10 @@ class TalkerSection:
                 raise ConfigError(f"talker.{name} must be >= 0, got {getattr(self, name)}")
 
 
+# Stages that train one part from scratch, without an LLM: stage -> its section (same name).
+STANDALONE_STAGES: dict[str, type] = {"sound_encoder": SoundEncoderSection, "codec": CodecSection, "talker": TalkerSection}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run.
@@ -430,14 +436,11 @@ class TrainConfig:
             raise ConfigError(f"ctc_negatives must be >= 0, got {self.ctc_negatives}")
 
     def _check_standalone(self) -> None:
-        """Stages ``sound_encoder`` / ``codec``: no LLM model, and only the options their CPU loops implement."""
+        """Stages ``sound_encoder`` / ``codec`` / ``talker``: no LLM model, and only the options their CPU loops implement."""
         if self.model is not None:
-            raise ConfigError(
-                {"sound_encoder": SOUND_ENCODER_HAS_NO_MODEL, "codec": CODEC_HAS_NO_MODEL, "talker": TALKER_HAS_NO_MODEL}[self.stage]
-            )
+            raise ConfigError(has_no_model(self.stage))
         if getattr(self, self.stage) is None:
-            object.__setattr__(self, self.stage, {"sound_encoder": SoundEncoderSection, "codec": CodecSection,
-                                                  "talker": TalkerSection}[self.stage]())  # fmt: skip
+            object.__setattr__(self, self.stage, STANDALONE_STAGES[self.stage]())
         # key: (value, what this stage needs, how to say it)
         needs = {
             "device": (self.device, ("auto", "cpu"), "'cpu' (or 'auto')"),
@@ -510,8 +513,8 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     if not isinstance(variables, dict):
         raise ConfigError("vars must be a table")
     data = _substitute(data, {k: str(v) for k, v in variables.items()}, "")
-    if data.get("stage") == "sound_encoder" and "model" in data:  # before [model] is validated as an LLM model
-        raise ConfigError(SOUND_ENCODER_HAS_NO_MODEL)
+    if data.get("stage") in STANDALONE_STAGES and "model" in data:  # before [model] is validated as an LLM model
+        raise ConfigError(has_no_model(data["stage"]))
     if "data" not in data:
         raise ConfigError("the [data] section is missing")
     return _build(TrainConfig, data, "")
