@@ -41,6 +41,7 @@ from omnivox.training.sound_encoder import (
     Clip,
     PartResult,
     _save_state,
+    begin_part_run,
     load_part_state,
     load_split,
     lr_lambda,
@@ -272,13 +273,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     """Fit the quantiser, then train the decoder, as ``config`` (stage ``codec``) says."""
     from tqdm import tqdm
 
-    section, optim = config.codec, config.optim
-    if config.stage != "codec" or section is None:
-        raise ConfigError(f"stage must be 'codec' to train a codec, got {config.stage!r}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    section, out = begin_part_run(config, "codec", "a codec")
+    optim = config.optim
     train_clips = load_split(config.data.dir, "train")
     if config.data.max_items:
         train_clips = train_clips[: config.data.max_items]

@@ -548,6 +548,19 @@ class PartResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def begin_part_run(config: TrainConfig, stage: str, what: str) -> tuple[Any, Path]:
+    """The start of a part-training run: ``config`` must be of ``stage`` (training ``what``);
+    sets the torch threads and makes ``out_dir``. Returns the stage's section and ``out_dir``."""
+    section = getattr(config, stage, None)
+    if config.stage != stage or section is None:
+        raise ConfigError(f"stage must be {stage!r} to train {what}, got {config.stage!r}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return section, out
+
+
 def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> PartResult:
     """Train a BEATs sound encoder as ``config`` (stage ``sound_encoder``) says.
 
@@ -568,13 +581,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     """
     from tqdm import tqdm
 
-    section, optim = config.sound_encoder, config.optim
-    if config.stage != "sound_encoder" or section is None:
-        raise ConfigError(f"stage must be 'sound_encoder' to train a sound encoder, got {config.stage!r}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    section, out = begin_part_run(config, "sound_encoder", "a sound encoder")
+    optim = config.optim
     train_clips = load_split(config.data.dir, "train", section.include_background)
     if config.data.max_items:
         train_clips = train_clips[: config.data.max_items]

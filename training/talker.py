@@ -36,6 +36,7 @@ from omnivox.training.data import iter_jsonl
 from omnivox.training.sound_encoder import (
     PartResult,
     _save_state,
+    begin_part_run,
     load_part_state,
     lr_lambda,
     make_optimizer,
@@ -172,13 +173,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     """Encode the pairs (once), then train the talker, as ``config`` (stage ``talker``) says."""
     from tqdm import tqdm
 
-    section, optim = config.talker, config.optim
-    if config.stage != "talker" or section is None:
-        raise ConfigError(f"stage must be 'talker' to train a talker, got {config.stage!r}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out, data_dir = Path(config.out_dir), Path(config.data.dir)
-    out.mkdir(parents=True, exist_ok=True)
+    section, out = begin_part_run(config, "talker", "a talker")
+    optim, data_dir = config.optim, Path(config.data.dir)
     codec = load_mel_codec(section.codec)
     pairs_path = out / PAIRS_FILE
     if pairs_path.is_file():
