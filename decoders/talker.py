@@ -409,19 +409,19 @@ def speak(
     ``[1, K, T]`` and the whole waveform ``[1, 1, S]``."""
     stream = codec.stream()
     frames, pieces, pending = [], [], []
+
+    def emit(piece: torch.Tensor) -> None:
+        pieces.append(piece)
+        if on_audio is not None and piece.shape[-1]:
+            on_audio(piece)
+
     for frame in talker.generate(phonemes, **options):
         frames.append(frame)
         pending.append(frame)
         if len(pending) == chunk_frames:
-            pieces.append(stream.push(torch.cat(pending, -1)))
+            emit(stream.push(torch.cat(pending, -1)))
             pending = []
-            if on_audio is not None and pieces[-1].shape[-1]:
-                on_audio(pieces[-1])
     if pending:
-        pieces.append(stream.push(torch.cat(pending, -1)))
-    pieces.append(stream.flush())
-    if on_audio is not None:
-        for piece in pieces[-2:] if pending else pieces[-1:]:
-            if piece.shape[-1]:
-                on_audio(piece)
+        emit(stream.push(torch.cat(pending, -1)))
+    emit(stream.flush())
     return torch.cat(frames, -1), torch.cat(pieces, -1)

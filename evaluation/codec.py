@@ -71,6 +71,8 @@ class CodecReport:
     clips: list[ClipScore] = field(default_factory=list)
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     sounds: list[SoundScore] = field(default_factory=list)
+    inputs: list[CodecClip] = field(default_factory=list, repr=False)  # for the picture, not in the JSON
+    resynthesized: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"codec": self.codec, "groups": self.groups, "clips": [asdict(c) for c in self.clips],
@@ -197,10 +199,9 @@ def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER,
         "num_codebooks": codec.num_codebooks, "codebook_size": codec.codebook_size, "bitrate": codec.bitrate,
         "whisper": whisper,
     })  # fmt: skip
-    resynth: dict[str, np.ndarray] = {}
     for clip in tqdm(clips, desc="codec", disable=not progress):
         out, seconds = resynthesize(codec, clip.audio)
-        resynth[clip.name] = out
+        report.resynthesized[clip.name] = out
         s, p = intelligibility(clip.audio, out)
         report.clips.append(ClipScore(
             clip.name, clip.group, clip.voice, len(clip.audio) / 16_000, clip.text,
@@ -220,8 +221,7 @@ def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER,
             "real_time_factor": sum(c.codec_seconds for c in rows) / sum(c.seconds for c in rows),
         }
     report.sounds = sound_checks(codec)
-    report._resynth = resynth  # for the picture
-    report._clips = clips
+    report.inputs = list(clips)
     return report
 
 
@@ -261,10 +261,10 @@ def plot_spectrograms(report: CodecReport, path: Path, count: int = 3) -> Path:
 
     picked = []
     for group in report.groups:  # the first clips of each group
-        picked += [c for c in report._clips if c.group == group][: max(1, count // len(report.groups))]
+        picked += [c for c in report.inputs if c.group == group][: max(1, count // len(report.groups))]
     fig, axes = plt.subplots(2, len(picked), figsize=(4.5 * len(picked), 6), squeeze=False)
     for col, clip in enumerate(picked):
-        for row, (title, audio) in enumerate((("original", clip.audio), ("resynthesis", report._resynth[clip.name]))):
+        for row, (title, audio) in enumerate((("original", clip.audio), ("resynthesis", report.resynthesized[clip.name]))):
             ax = axes[row, col]
             ax.specgram(audio[: 16_000 * 6] + 1e-7, NFFT=512, Fs=16_000, noverlap=384, cmap="magma")
             ax.set_title(f"{clip.name[:28]} - {title}", fontsize=9)

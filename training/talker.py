@@ -118,22 +118,28 @@ def collate(pairs: list[Pair], voices: dict[str, int]) -> dict[str, torch.Tensor
     return batch
 
 
-def plan_batch(pairs: list[Pair], step: int, seed: int, max_frames: int) -> list[int]:
-    """Indices of similar-length pairs (a random anchor and its neighbours by length) whose
-    padded size fits ``max_frames``; a function of ``(seed, step)`` only."""
+def by_length(pairs: list[Pair]) -> list[int]:
+    """Indices of ``pairs`` from the fewest frames to the most (stable)."""
+    return sorted(range(len(pairs)), key=lambda i: pairs[i].codes.shape[-1])
+
+
+def plan_batch(pairs: list[Pair], order: list[int], step: int, seed: int, max_frames: int) -> list[int]:
+    """Indices of similar-length pairs (a random anchor and its neighbours in ``order``, see
+    :func:`by_length`) whose padded size fits ``max_frames``; a function of ``(seed, step)`` only."""
     rng = np.random.default_rng([seed, step])
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].codes.shape[-1])
     at = int(rng.integers(0, len(order)))
     chosen = [order[at]]
+    longest = pairs[order[at]].codes.shape[-1]
     lo, hi = at - 1, at + 1
     while True:
         nxt = hi if hi < len(order) and (lo < 0 or rng.random() < 0.5) else lo
         if nxt < 0 or nxt >= len(order):
             break
-        longest = max(pairs[i].codes.shape[-1] for i in [*chosen, order[nxt]])
-        if longest * (len(chosen) + 1) > max_frames:
+        widest = max(longest, pairs[order[nxt]].codes.shape[-1])
+        if widest * (len(chosen) + 1) > max_frames:
             break
         chosen.append(order[nxt])
+        longest = widest
         lo, hi = (lo - 1, hi) if nxt == lo else (lo, hi + 1)
     return chosen
 
@@ -229,13 +235,14 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
                 "voices": voices, "torch_rng": torch.get_rng_state()}  # fmt: skip
 
+    order = by_length(train_pairs)
     target = min(optim.max_steps, config.stop_at_step) if config.stop_at_step else optim.max_steps
     bar = tqdm(total=optim.max_steps, initial=step, disable=not progress, dynamic_ncols=True, desc="train talker")
     start_time = time.monotonic()
     try:
         while step < target:
             started = time.perf_counter()
-            chosen = plan_batch(train_pairs, step, config.seed, section.batch_frames)
+            chosen = plan_batch(train_pairs, order, step, config.seed, section.batch_frames)
             losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids),
                             prior_weight=section.prior_weight, duration_weight=section.duration_weight)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
