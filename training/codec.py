@@ -219,20 +219,21 @@ def resynthesize(codec: MelCodec, wav: torch.Tensor, grad: bool = True) -> torch
 
 @torch.no_grad()
 def validate(codec: MelCodec, loss_fn: SpectralLoss, clips: list[Clip], seconds: float) -> dict[str, float]:
-    """Mean spectral losses over the first ``seconds`` of each validation clip (one at a time)."""
+    """Mean spectral losses over the first ``seconds`` of each validation clip long enough to score."""
     codec.eval()
     sums: dict[str, float] = {}
+    scored = 0
     for clip in clips:
         wav = torch.from_numpy(read_audio(clip.audio, 0, int(seconds * SAMPLE_RATE)))[None]
         usable = wav.shape[-1] - (codec.config.synth_n_fft - codec.config.synth_hop)
-        if usable < 4096:
+        if usable < 4096:  # too short for the 2048-point loss: not scored
             continue
         parts = loss_fn(wav[:, :usable], resynthesize(codec, wav, grad=False)[:, :usable])
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + float(v)
+        scored += 1
     codec.train()
-    n = max(1, len(clips))
-    return {k: v / n for k, v in sums.items()}
+    return {k: v / max(1, scored) for k, v in sums.items()}
 
 
 # --------------------------------------------------------------------------------------------
