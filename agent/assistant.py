@@ -2,8 +2,10 @@
 
 :class:`OmnivoxModel` answers every request the same way. A model folder may also name
 steps that answer some requests otherwise; today one, the transcription step
-(``agent/transcription.py``: joint CTC decoding and the Whisper transcriber). The assistant
-holds the model and its steps; callers that want the model alone use the model.
+(``agent/transcription.py``: joint CTC decoding and the Whisper transcriber). A folder with a
+``talker/`` can also speak (``decoders/speech.py``): the LLM decides what is said, the speech
+head says it. The assistant holds the model and its steps; callers that want the model alone
+use the model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omnivox.agent.model import Clip, EncodedClip, OmnivoxModel
 from omnivox.agent.tools import ToolCall
 from omnivox.agent.transcriber import WhisperTranscriber
 from omnivox.agent.transcription import TranscriptionStep
+from omnivox.decoders.speech import SpeechHead
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, ToolSpec, clip_label, tools_text
 
@@ -52,21 +55,53 @@ def offer_tools(messages: Sequence[Message], tools: Sequence[ToolSpec]) -> list[
 
 
 class Assistant:
-    """A model and its transcription step.
+    """A model, its transcription step and its speech head.
 
     Args:
         model: the model.
         transcriber: the folder's Whisper transcriber (needs ``model.config.transcriber``), a
             function that loads it on first use, or None.
+        speech: the folder's speech head, a function that loads it on first use, or None (the
+            model answers in text only).
     """
 
     def __init__(
-        self, model: OmnivoxModel, transcriber: WhisperTranscriber | Callable[[], WhisperTranscriber] | None = None
-    ) -> None:
+        self, model: OmnivoxModel, transcriber: WhisperTranscriber | Callable[[], WhisperTranscriber] | None = None,
+        speech: SpeechHead | Callable[[], SpeechHead] | None = None,
+    ) -> None:  # fmt: skip
         if transcriber is not None and model.config.transcriber is None:
             raise ValueError("config.transcriber is None: it holds the weights that combine the transcriber's scores")
         self.model = model
         self.transcription = TranscriptionStep(model, transcriber, model.config.transcriber)
+        self._speech = speech
+
+    @property
+    def can_speak(self) -> bool:
+        """The model folder has a speech head (it loads on the first request for audio)."""
+        return self._speech is not None
+
+    @property
+    def speech(self) -> SpeechHead:
+        """The speech head (loaded now if it was not yet); a clear error when the folder has none."""
+        if self._speech is None:
+            raise UserInputError("this model folder cannot speak: it has no talker/ (see the README, 'Audio out')")
+        if not isinstance(self._speech, SpeechHead):
+            self._speech = self._speech()
+        return self._speech
+
+    def say(self, text: str, voice: str | None = None, on_audio: Callable[[np.ndarray], None] | None = None,
+            **options: Any) -> Generation:  # fmt: skip
+        """Text to speech: ``text`` spoken by the speech head (``SpeechHead.say``'s ``options``)."""
+        spoken = self.speech.say(text, voice, on_audio=on_audio, **options)
+        return Generation(text, [], "stop", source="talker", audio=spoken)
+
+    def speak(self, answer: Generation, voice: str | None = None, on_audio: Callable[[np.ndarray], None] | None = None,
+              **options: Any) -> Generation:  # fmt: skip
+        """``answer`` with its text spoken (``answer.audio``); an answer that is task calls, or
+        has no text, stays silent."""
+        if answer.tool_calls or not answer.text.strip():
+            return answer
+        return replace(answer, audio=self.speech.say(answer.text, voice, on_audio=on_audio, **options))
 
     @property
     def transcriber(self) -> WhisperTranscriber | None:
@@ -90,7 +125,11 @@ class Assistant:
                 lora_scale, merge_lora).
         """
         parts = load_parts(folder, transcriber=transcriber, **options)
-        return cls(OmnivoxModel.from_parts(parts), parts.transcriber)
+        speech = None
+        if SpeechHead.present(folder):
+            device = options.get("device") or "cpu"
+            speech = lambda: SpeechHead.from_folder(folder, device)  # noqa: E731  (loads on first use)
+        return cls(OmnivoxModel.from_parts(parts), parts.transcriber, speech)
 
     def settings(self, **overrides) -> GenerationSettings:
         """The folder's default decoding with ``overrides``."""

@@ -100,13 +100,47 @@ def generation_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+def _audio_out_path(path: str | None) -> Path | None:
+    """``--out``, checked before a model loads: a .wav file in an existing folder."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() != ".wav":
+        raise UserInputError(f"--out {path}: audio is written as WAV; give a path ending in .wav")
+    if not out.parent.is_dir():
+        raise UserInputError(f"--out {path}: the folder {out.parent} does not exist")
+    return out
+
+
+def speak_to_file(assistant, text: str, out: Path, voice: str | None = None, **options):
+    """Speak ``text`` into ``out`` (WAV, written piece by piece while the audio is made);
+    returns the :class:`~omnivox.decoders.speech.SpokenAudio`."""
+    from omnivox.agent.workspace import WavWriter
+
+    assistant.speech.voice_id(voice)  # an unknown voice fails before the file is made
+    try:
+        with WavWriter(out, assistant.speech.sample_rate) as writer:
+            return assistant.speech.say(text, voice, on_audio=writer.write, **options)
+    except BaseException:
+        out.unlink(missing_ok=True)  # no half-written answer left behind
+        raise
+
+
+def _report_audio(spoken, out: Path) -> None:
+    first = f", first audio after {1000 * spoken.first_audio_s:.0f} ms" if spoken.first_audio_s is not None else ""
+    print(f"wrote {out} ({spoken.seconds:.2f} s of audio, voice {spoken.voice}{first})", file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from omnivox.agent.audio import load_audio
     from omnivox.agent.chat import ChatSession
 
     overrides = generation_overrides(args)  # flags and audio are checked before loading a big model
+    out = _audio_out_path(args.out)
     clips = [load_audio(path) for path in args.audio]
     assistant = load_model_for_cli(args, transcriber=not args.no_transcriber)
+    if out is not None:
+        assistant.speech.voice_id(args.voice)  # a folder that cannot speak, or an unknown voice: say so now
     settings = assistant.settings(**overrides)
     session = ChatSession(assistant, settings)
     for clip in clips:
@@ -118,9 +152,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     stream = show if settings.num_beams == 1 else None
     if args.prompt:
-        answer = session.ask(" ".join(args.prompt), on_text=stream)
-        print(answer if stream is None else "")
+        answer = session.ask_generation(" ".join(args.prompt), on_text=stream)
+        print(answer.text if stream is None else "")
+        if out is not None:
+            if answer.tool_calls or not answer.text.strip():
+                raise UserInputError("the answer has no text to speak; nothing written")
+            _report_audio(speak_to_file(assistant, answer.text, out, args.voice), out)
         return 0
+    if out is not None:
+        raise UserInputError("--out needs a prompt (an interactive chat is not written to a file)")
     print("omnivox chat: type a question; /audio FILE adds a clip, /reset forgets, /quit ends.", file=sys.stderr)
     while True:
         try:
@@ -144,6 +184,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(answer if stream is None else "")
         except UserInputError as err:
             print(f"omnivox: error: {err}", file=sys.stderr)
+
+
+GENERATE_TASKS = ("tts",)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    out = _audio_out_path(args.out)
+    text = " ".join(args.text).strip()
+    if args.task == "tts" and not text:
+        raise UserInputError("--task tts needs the text to speak")
+    if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
+        raise UserInputError(f"--plot {args.plot}: give a path ending in .png")
+    assistant = load_model_for_cli(args, transcriber=False)
+    options = {"speed": args.speed, "temperature": args.temperature, "seed": args.seed}
+    spoken = speak_to_file(assistant, text, out, args.voice, **options)
+    _report_audio(spoken, out)
+    print(text)
+    if args.plot:
+        from omnivox.evaluation.report import plot_spectrograms
+
+        column = [(f"{args.task}: {spoken.voice}", spoken.waveform, spoken.sample_rate)]
+        print(f"wrote {plot_spectrograms([column], Path(args.plot))}", file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -267,8 +330,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("--no-transcriber", action="store_true",
                       help="transcripts by the LLM even where the model folder has a Whisper transcriber")  # fmt: skip
     chat.add_argument("--temperature", type=float, default=None, help="sample with this temperature")
+    chat.add_argument("--out", default=None, metavar="FILE.wav", help="also speak the answer into this WAV file")
+    chat.add_argument("--voice", default=None, help="voice of the spoken answer (default: the model's)")
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)
+
+    gen = sub.add_parser("generate", help="make audio by task: tts (text to speech)")
+    model_flags(gen)
+    gen.add_argument("--task", required=True, choices=GENERATE_TASKS, help="tts: speak the text")
+    gen.add_argument("--out", required=True, metavar="FILE.wav", help="where the audio is written (WAV)")
+    gen.add_argument("--voice", default=None, help="voice name (default: the model's; see its talker/talker.json)")
+    gen.add_argument("--speed", type=float, default=1.0, help="pace, 0.25-4 (default 1: the voice's own)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: the likeliest codes (default); above: sample")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the audio's spectrogram here")
+    gen.add_argument("text", nargs="*", help="the text (tts)")
+    gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, transcriptions)")
     model_flags(serve)
@@ -307,7 +384,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_convert_salmonn_arguments(cs)
     cs.set_defaults(func=run_convert_salmonn)
 
-    data = sub.add_parser("data", help="make training data (data synth: reproducible synthetic speech/sound)")
+    data = sub.add_parser("data", help="make training data (data synth: synthetic speech/sound tasks; data tts: read speech in named voices)")
     ev = sub.add_parser("eval", help="evaluate a model folder on a suite (asr, sound, qa, format, multiturn, fixtures, all)")
     # These commands' arguments live in modules that import torch/scipy: build them only when used.
     train = sub.add_parser("train", help="train with a recipe (recipes/*.toml); resumable")
@@ -321,11 +398,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         cache.set_defaults(func=run_cache)
     if command == "data":
         from omnivox.datagen import build_synth_parser, run_synth
+        from omnivox.datagen.speech_pairs import build_tts_parser, run_tts
 
         dsub = data.add_subparsers(dest="what", required=True)
         synth = dsub.add_parser("synth", help="reproducible synthetic speech/sound data with task manifests")
         build_synth_parser(synth)
         synth.set_defaults(func=run_synth)
+        tts = dsub.add_parser("tts", help="clean read speech in a few named voices (the speech head's data)")
+        build_tts_parser(tts)
+        tts.set_defaults(func=run_tts)
     if command == "eval":
         from omnivox.evaluation.cli import add_eval_arguments, run_eval
 
@@ -417,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 # with os._exit after flushing, skipping the interpreter's teardown of torch and transformers
 # (~0.7 s of a 5 s `omnivox chat` on 2 cores). Commands that run worker pools or write files
 # in the background (train, data synth, eval) end normally.
-FAST_EXIT_COMMANDS = frozenset({"chat"})
+FAST_EXIT_COMMANDS = frozenset({"chat", "generate"})
 
 
 def run() -> None:

@@ -4,9 +4,9 @@ A model folder may store its default decoding (``config.json``'s ``"generation"`
 into the same typed :class:`GenerationSettings` a caller passes, so a folder cannot hold a
 setting a caller could not.
 
-:class:`Generation` is the one result type of :meth:`OmnivoxModel.generate`. It holds the text
-now; each further kind of output (codec tokens decoded to audio, task calls) is one more field
-of it, filled in one place (:meth:`OmnivoxModel.result`) from the ids the LLM produced.
+:class:`Generation` is the one result type of :meth:`OmnivoxModel.generate`: the text, the task
+calls (filled in one place, :meth:`OmnivoxModel.result`, from the ids the LLM produced) and,
+when speech is asked for, the audio the speech head made of the text (``Assistant.speak``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omnivox.errors import CheckpointError, UserInputError
 
 if TYPE_CHECKING:
     from omnivox.agent.tools import ToolCall
+    from omnivox.decoders.speech import SpokenAudio
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class Generation:
             "transcriber" when the Whisper transcriber chose a transcript).
         details: what that step wants a caller to see (e.g. the transcript candidates and scores).
         tool_calls: the calls the model made (``agent/tools.py``), in order; ``text`` is then "".
+        audio: the answer spoken (``decoders/speech.py``: waveform, sample rate, codes), when
+            speech was asked for; None otherwise.
     """
 
     text: str
@@ -121,6 +124,7 @@ class Generation:
     source: str = "llm"
     details: dict[str, Any] = field(default_factory=dict)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    audio: SpokenAudio | None = None
 
 
 class CallbackStreamer:

@@ -168,6 +168,34 @@ def write_audio(path: Path, samples: np.ndarray, sample_rate: int, format: str =
         raise UserInputError(f"cannot write {format} at {sample_rate} Hz: {err}") from None
 
 
+class WavWriter:
+    """A 16-bit mono WAV file written piece by piece (``write`` each ``[n]`` float array as it
+    comes: a player can start on the file before it is complete); a context manager."""
+
+    def __init__(self, path: Path, sample_rate: int) -> None:
+        import soundfile as sf
+
+        try:
+            self._file = sf.SoundFile(path, "w", samplerate=sample_rate, channels=1, format="WAV", subtype="PCM_16")
+        except (sf.LibsndfileError, OSError) as err:
+            raise UserInputError(f"cannot write {path}: {err}") from None
+        self.frames = 0
+
+    def write(self, samples: np.ndarray) -> None:
+        self._file.write(np.clip(np.asarray(samples, dtype=np.float32).reshape(-1), -1.0, 1.0))
+        self._file.flush()
+        self.frames += int(np.asarray(samples).size)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def audio_bytes(samples: np.ndarray, sample_rate: int, format: str = "wav") -> bytes:
     """The audio as a file's bytes (for HTTP and MCP answers)."""
     with tempfile.TemporaryDirectory() as tmp:

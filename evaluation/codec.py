@@ -22,6 +22,7 @@ import torch
 
 from omnivox.decoders.codec import Codec
 from omnivox.errors import UserInputError
+from omnivox.evaluation.report import plot_spectrograms
 
 logger = logging.getLogger(__name__)
 
@@ -252,28 +253,14 @@ def markdown(report: CodecReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_spectrograms(report: CodecReport, path: Path, count: int = 3) -> Path:
+def plot_codec_spectrograms(report: CodecReport, path: Path, count: int = 3) -> Path:
     """Original (top) and resynthesis (bottom) log-spectrograms of a few clips, one column each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     picked = []
     for group in report.groups:  # the first clips of each group
         picked += [c for c in report.inputs if c.group == group][: max(1, count // len(report.groups))]
-    fig, axes = plt.subplots(2, len(picked), figsize=(4.5 * len(picked), 6), squeeze=False)
-    for col, clip in enumerate(picked):
-        for row, (title, audio) in enumerate((("original", clip.audio), ("resynthesis", report.resynthesized[clip.name]))):
-            ax = axes[row, col]
-            ax.specgram(audio[: 16_000 * 6] + 1e-7, NFFT=512, Fs=16_000, noverlap=384, cmap="magma")
-            ax.set_title(f"{clip.name[:28]} - {title}", fontsize=9)
-            ax.set_xlabel("s")
-            ax.set_ylabel("Hz")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    columns = [[(f"{c.name[:28]} - original", c.audio, 16_000), (f"{c.name[:28]} - resynthesis", report.resynthesized[c.name], 16_000)]
+               for c in picked]  # fmt: skip
+    return plot_spectrograms(columns, path, max_seconds=6.0)
 
 
 def write_codec_report(report: CodecReport, out: Path) -> dict[str, Path]:
@@ -281,5 +268,5 @@ def write_codec_report(report: CodecReport, out: Path) -> dict[str, Path]:
     files = {"results.json": out / "results.json", "results.md": out / "results.md", "spectrograms.png": out / "spectrograms.png"}
     files["results.json"].write_text(json.dumps(report.to_json(), indent=2) + "\n", encoding="utf-8")
     files["results.md"].write_text(markdown(report), encoding="utf-8")
-    plot_spectrograms(report, files["spectrograms.png"])
+    plot_codec_spectrograms(report, files["spectrograms.png"])
     return files

@@ -19,6 +19,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from omnivox.evaluation.runner import EvalResults
 
 log = logging.getLogger(__name__)
@@ -175,3 +177,32 @@ def write_results(results: EvalResults, out: Path) -> dict[str, Path]:
         files[name] = plot_confusion(conf["labels"], conf["matrix"], out / name, title=task)
     log.info("wrote %s", ", ".join(str(p) for p in files.values()))
     return files
+
+
+def plot_spectrograms(columns: list[list[tuple[str, np.ndarray, int]]], path: Path, max_seconds: float = 8.0) -> Path:
+    """Log-spectrograms in a grid: one column per entry of ``columns``, each a list of
+    ``(title, samples [S], sample_rate)`` drawn top to bottom (e.g. before / after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(len(c) for c in columns)
+    fig, axes = plt.subplots(rows, len(columns), figsize=(4.5 * len(columns), 3 * rows), squeeze=False)
+    for col, column in enumerate(columns):
+        for row in range(rows):
+            ax = axes[row, col]
+            if row >= len(column):
+                ax.axis("off")
+                continue
+            title, audio, rate = column[row]
+            audio = np.asarray(audio, dtype=np.float64)[: int(rate * max_seconds)]
+            nfft = 512 if rate <= 16_000 else 1024
+            ax.specgram(audio + 1e-7, NFFT=nfft, Fs=rate, noverlap=nfft * 3 // 4, cmap="magma")
+            ax.set_title(title[:48], fontsize=9)
+            ax.set_xlabel("s")
+            ax.set_ylabel("Hz")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -5,6 +5,7 @@
 - SALMONN: an official-format ``{"model", "optimizer", "config", ...}`` checkpoint.
 - LLM: an HF LLaMA folder with a BPE tokenizer trained here.
 - omnivox: a model folder made of those parts.
+- speech head: a nano-format codec (``codec/``) and a talker (``talker/``) added to a folder.
 """
 
 from __future__ import annotations
@@ -235,6 +236,28 @@ def make_model_folder(
     encoders = [WhisperEncoder.from_pretrained(str(parts / "whisper.pt")), BeatsEncoder.from_checkpoint(parts / "beats.pt")]
     model = OmnivoxModel(config, encoders, adapter, llm, tokenizer)
     return model.save_pretrained(root / "model")
+
+
+TINY_VOICES = ("kokoro:jf_tiny", "piper:joe")
+
+
+def add_speech_head(folder: Path, seed: int = 0, voices: tuple[str, ...] = TINY_VOICES) -> Path:
+    """Give a model folder a tiny random speech head: ``codec/`` (a nano-format MelCodec) and
+    ``talker/`` (a talker emitting its codes); returns ``folder``."""
+    from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
+    from omnivox.decoders.phonemes import PHONEMES
+    from omnivox.decoders.speech import save_talker
+    from omnivox.decoders.talker import Talker, TalkerConfig
+
+    torch.manual_seed(seed)
+    codec = MelCodec(MelCodecConfig(n_mels=8, num_codebooks=3, codebook_size=16, dim=16, intermediate_dim=32,
+                                    num_layers=2, kernel_size=3)).eval()  # fmt: skip
+    save_mel_codec(codec, folder / "codec")
+    config = TalkerConfig(num_phonemes=len(PHONEMES), num_codebooks=3, codebook_size=16, n_mels=8, dim=32, heads=4, ffn=64,
+                          encoder_layers=1, decoder_layers=2, dropout=0.0, num_voices=len(voices), num_tasks=2,
+                          max_phoneme_frames=6, max_positions=512)  # fmt: skip
+    save_talker(Talker(config).eval(), list(voices), "codec", folder / "talker", default_voice=voices[0])
+    return folder
 
 
 def tone_clip(seconds: float, freq: float = 440.0, seed: int = 0, sample_rate: int = 16000):

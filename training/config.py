@@ -327,6 +327,8 @@ class TalkerSection:
             voice counts are filled in).
         batch_frames: most (padded) codec frames in one batch.
         prior_weight / duration_weight: weights of the alignment prior and duration losses.
+        default_voice: the voice the model speaks with when none is asked for (empty: the
+            first of the sorted voice names).
     """
 
     codec: str = ""
@@ -334,6 +336,7 @@ class TalkerSection:
     batch_frames: int = 3000
     prior_weight: float = 1.0
     duration_weight: float = 1.0
+    default_voice: str = ""
 
     def __post_init__(self) -> None:
         if not self.codec:

@@ -28,6 +28,7 @@ from torch import nn
 
 from omnivox.decoders.codec import MelCodec, load_mel_codec
 from omnivox.decoders.phonemes import PHONEMES, phonemize
+from omnivox.decoders.speech import TALKER_CONFIG, TALKER_WEIGHTS, save_talker
 from omnivox.decoders.talker import Talker, TalkerConfig
 from omnivox.encoders.base import torch_load_checkpoint
 from omnivox.errors import CheckpointError, UserInputError
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "last.pt"
 PAIRS_FILE = "pairs.pt"
 FINAL_DIR = "talker"
-TALKER_CONFIG = "talker.json"
-TALKER_WEIGHTS = "talker.safetensors"
 
 
 @dataclass(frozen=True)
@@ -144,16 +143,6 @@ def plan_batch(pairs: list[Pair], order: list[int], step: int, seed: int, max_fr
     return chosen
 
 
-def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path) -> Path:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in talker.state_dict().items()}, str(folder / TALKER_WEIGHTS))
-    data = {"config": asdict(talker.config), "voices": voices, "codec": codec_name, "phonemes": list(PHONEMES)}
-    (folder / TALKER_CONFIG).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return folder
-
-
 def load_state(path: Path) -> dict[str, Any]:
     return load_part_state(path, "talker", ("step", "talker_cfg", "talker", "optimizer", "scheduler", "history", "voices"))
 
@@ -201,6 +190,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     state = load_state(state_path) if resume and state_path.is_file() else None
     voices = list(state["voices"]) if state else sorted({p.voice for p in train_pairs})
     voice_ids = {v: i for i, v in enumerate(voices)}
+    if section.default_voice and section.default_voice not in voice_ids:
+        raise ConfigError(f"talker.default_voice {section.default_voice!r} is not among the data's voices {voices}")
     if state:
         cfg = TalkerConfig.from_dict(state["talker_cfg"])
     else:
@@ -278,7 +269,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     metrics: dict[str, Any] = {}
     if finished:
         metrics = validate(talker, val_pairs, voice_ids, section.batch_frames)
-        save_talker(talker.eval(), voices, Path(section.codec).name, out / FINAL_DIR)
+        save_talker(talker.eval(), voices, Path(section.codec).name, out / FINAL_DIR, section.default_voice or None)
         metrics.update(step=step, wall_seconds=wall, voices=len(voices), train_utterances=len(train_pairs))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")

@@ -196,3 +196,57 @@ def test_agent_prints_a_json_trace_and_checks_its_flags(tiny_model_dir, tmp_path
     assert cli.main(["agent", "--model", str(tiny_model_dir), "--max-steps", "0", "goal"]) == 2
     assert cli.main(["agent", "--model", str(tiny_model_dir), "--out-dir", str(out_dir), "--tools", "nope", "goal"]) == 2
     assert "no tool named 'nope'" in capsys.readouterr().err
+
+
+def _speaking_copy(tiny_model_dir, tmp_path):
+    return tiny.add_speech_head(tiny.greedy_copy(tiny_model_dir, tmp_path, max_new_tokens=6, name="speaks"))
+
+
+def test_generate_tts_writes_the_spoken_text_and_a_spectrogram(tiny_model_dir, tmp_path, capsys):
+    from omnivox.decoders.speech import SpeechHead
+
+    folder = _speaking_copy(tiny_model_dir, tmp_path)
+    out, plot = tmp_path / "fox.wav", tmp_path / "fox.png"
+    rc = cli.main(["generate", "--model", str(folder), "--task", "tts", "--voice", "joe", "--out", str(out), "--plot", str(plot),
+                   "The quick brown fox."])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "The quick brown fox." in captured.out and f"wrote {out}" in captured.err and "voice piper:joe" in captured.err
+    audio, rate = sf.read(out, dtype="float32")
+    expected = SpeechHead.from_folder(folder).say("The quick brown fox.", "joe")
+    assert rate == 16_000 and audio.shape == expected.waveform.shape
+    np.testing.assert_allclose(audio, expected.waveform, atol=1.5 / 32768)  # 16-bit PCM
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_chat_out_speaks_the_answer(tiny_model_dir, tmp_path, capsys):
+    from omnivox.agent.assistant import Assistant
+    from omnivox.agent.audio import load_audio
+
+    folder = _speaking_copy(tiny_model_dir, tmp_path)
+    wav, out = _wav(tmp_path), tmp_path / "answer.wav"
+    assert cli.main(["chat", "--model", str(folder), "--audio", str(wav), "--out", str(out), "What", "is", "said?"]) == 0
+    captured = capsys.readouterr()
+    assistant = Assistant.from_pretrained(folder)
+    answer = assistant.chat("What is said?", [load_audio(wav).samples])
+    assert captured.out.strip() == answer.text and f"wrote {out}" in captured.err
+    spoken = assistant.speak(answer).audio
+    assert spoken is not None and spoken.transcript == answer.text
+    np.testing.assert_allclose(sf.read(out, dtype="float32")[0], spoken.waveform, atol=1.5 / 32768)
+
+
+def test_audio_out_errors_are_one_line(tiny_model_dir, tmp_path):
+    folder = _speaking_copy(tiny_model_dir, tmp_path)
+    cases = [
+        (("generate", "--model", str(tiny_model_dir), "--task", "tts", "--out", str(tmp_path / "a.wav"), "Hi."), "cannot speak: it has no talker/"),
+        (("generate", "--model", str(folder), "--task", "tts", "--out", str(tmp_path / "a.mp3"), "Hi."), "ending in .wav"),
+        (("generate", "--model", str(folder), "--task", "tts", "--out", str(tmp_path / "no" / "a.wav"), "Hi."), "does not exist"),
+        (("generate", "--model", str(folder), "--task", "tts", "--out", str(tmp_path / "a.wav")), "needs the text"),
+        (("generate", "--model", str(folder), "--task", "tts", "--voice", "alloy", "--out", str(tmp_path / "a.wav"), "Hi."), "unknown voice 'alloy'"),
+        (("chat", "--model", str(folder), "--voice", "alloy", "--out", str(tmp_path / "a.wav"), "Hi."), "unknown voice 'alloy'"),
+        (("chat", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a.wav"), "Hi."), "cannot speak"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = _run_cli(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not (tmp_path / "a.wav").exists()

@@ -1,0 +1,226 @@
+"""Speaking: the talker and its codec loaded from a model folder, text in, audio out.
+
+A model folder that can speak holds ``talker/`` (``talker.json``: the talker's shape, its voice
+table, the default voice and the name of its codec folder; ``talker.safetensors``) next to
+that codec folder (``codec/``). :class:`SpeechHead` loads both and turns text into audio:
+phonemes (``decoders/phonemes.py``) -> codec codes one frame at a time (``decoders/talker.py``)
+-> audio decoded while the codes come (``Codec.stream``), each final piece handed to
+``on_audio`` before the next frames are made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omnivox.decoders.codec import Codec, load_codec
+from omnivox.decoders.phonemes import PHONEMES, phonemize
+from omnivox.decoders.talker import Talker, TalkerConfig, speak
+from omnivox.errors import CheckpointError, UserInputError
+
+TALKER_DIR = "talker"
+TALKER_CONFIG = "talker.json"
+TALKER_WEIGHTS = "talker.safetensors"
+MAX_SECONDS = 60.0  # longest answer spoken in one go
+
+
+@dataclass
+class SpokenAudio:
+    """Audio the model made.
+
+    Attributes:
+        waveform: ``[S]`` float32 mono samples in [-1, 1].
+        sample_rate: samples per second.
+        transcript: the text that was spoken.
+        voice: the voice it was spoken in.
+        codes: ``[K, T]`` the codec codes the talker emitted (int64).
+        first_audio_s: seconds from the start of speaking to the first piece of audio.
+        seconds_taken: seconds speaking took in all.
+    """
+
+    waveform: np.ndarray
+    sample_rate: int
+    transcript: str
+    voice: str
+    codes: torch.Tensor | None = None
+    first_audio_s: float | None = None
+    seconds_taken: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.waveform.size / self.sample_rate
+
+
+def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path, default_voice: str | None = None) -> Path:
+    """Write ``talker.json`` + ``talker.safetensors`` into ``folder``."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    if default_voice is not None and default_voice not in voices:
+        raise UserInputError(f"default voice {default_voice!r} is not one of the talker's voices {voices}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in talker.state_dict().items()}, str(folder / TALKER_WEIGHTS))
+    data = {"config": asdict(talker.config), "voices": list(voices), "default_voice": default_voice or voices[0],
+            "codec": codec_name, "phonemes": list(PHONEMES)}  # fmt: skip
+    (folder / TALKER_CONFIG).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+def read_talker_json(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / TALKER_CONFIG
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    voices = data.get("voices")
+    if not isinstance(voices, list) or not voices or not all(isinstance(v, str) and v for v in voices):
+        raise CheckpointError(f"{path}: voices must be a non-empty list of names, got {voices!r}")
+    if data.get("phonemes") != list(PHONEMES):
+        raise CheckpointError(f"{path}: its phoneme table differs from this omnivox's ({len(PHONEMES)} symbols); "
+                              "the talker was trained with another inventory")  # fmt: skip
+    if not isinstance(data.get("codec"), str) or not data["codec"]:
+        raise CheckpointError(f"{path}: codec must name the codec folder")
+    default = data.get("default_voice", voices[0])
+    if default not in voices:
+        raise CheckpointError(f"{path}: default_voice {default!r} is not among voices {voices}")
+    return data
+
+
+def load_talker(folder: str | Path, device: str | torch.device = "cpu") -> tuple[Talker, dict[str, Any]]:
+    """The talker in ``folder`` (``talker.json`` + ``talker.safetensors``) and its JSON."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    data = read_talker_json(folder)
+    if not isinstance(data.get("config"), dict):
+        raise CheckpointError(f"{folder / TALKER_CONFIG}: config must be an object")
+    config = TalkerConfig.from_dict(data["config"])
+    if config.num_voices < len(data["voices"]):
+        raise CheckpointError(f"{folder / TALKER_CONFIG}: {len(data['voices'])} voices but a table of {config.num_voices}")
+    talker = Talker(config)
+    try:
+        state = load_file(str(folder / TALKER_WEIGHTS))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read {folder / TALKER_WEIGHTS}: {err}") from None
+    try:
+        talker.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{folder / TALKER_WEIGHTS} does not fit {folder / TALKER_CONFIG}: {err}") from None
+    return talker.to(device).eval(), data
+
+
+class SpeechHead:
+    """A talker and the codec it speaks through.
+
+    Args:
+        talker: the talker (eval mode).
+        codec: the codec whose codes it emits (shapes checked against the talker).
+        voices: the names of the talker's voice rows, in order.
+        default_voice: the voice used when none is asked for.
+    """
+
+    def __init__(self, talker: Talker, codec: Codec, voices: list[str], default_voice: str | None = None) -> None:
+        c = talker.config
+        if (c.num_codebooks, c.codebook_size) != (codec.num_codebooks, codec.codebook_size):
+            raise CheckpointError(f"the talker emits {c.num_codebooks} x {c.codebook_size} codes but the codec takes "
+                                  f"{codec.num_codebooks} x {codec.codebook_size}")  # fmt: skip
+        self.talker, self.codec = talker, codec
+        self.voices = list(voices)
+        self.default_voice = default_voice or self.voices[0]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> SpeechHead:
+        """Load ``folder/talker`` and the codec folder it names (a sibling: ``folder/codec``)."""
+        folder = Path(folder)
+        talker_dir = folder / TALKER_DIR
+        talker, data = load_talker(talker_dir, device)
+        codec_dir = folder / data["codec"]
+        if not codec_dir.is_dir():
+            raise CheckpointError(f"{talker_dir / TALKER_CONFIG} names the codec folder {data['codec']!r}, "
+                                  f"but {codec_dir} does not exist")  # fmt: skip
+        codec = load_codec(codec_dir)
+        if isinstance(codec, torch.nn.Module):
+            codec = codec.to(device)
+        return cls(talker, codec, data["voices"], data.get("default_voice"))
+
+    @staticmethod
+    def present(folder: str | Path) -> bool:
+        """Whether a model folder holds a talker."""
+        return (Path(folder) / TALKER_DIR / TALKER_CONFIG).is_file()
+
+    @property
+    def sample_rate(self) -> int:
+        return self.codec.sample_rate
+
+    def voice_id(self, voice: str | None) -> int:
+        name = self.default_voice if voice in (None, "", "default") else voice
+        if name not in self.voices:
+            # a short name ("jf_gongitsune", "joe") picks the voice whose name ends with it
+            matches = [v for v in self.voices if v.split(":", 1)[-1] == name]
+            if len(matches) != 1:
+                raise UserInputError(f"unknown voice {voice!r}; this model speaks with {self.voices_shown()}")
+            name = matches[0]
+        return self.voices.index(name)
+
+    def voices_shown(self) -> str:
+        return ", ".join(self.voices) + f" (default {self.default_voice})"
+
+    @torch.no_grad()
+    def say(
+        self, text: str, voice: str | None = None, *, speed: float = 1.0, temperature: float = 0.0, top_k: int = 0,
+        seed: int | None = None, on_audio: Callable[[np.ndarray], None] | None = None, chunk_frames: int = 5,
+        max_seconds: float = MAX_SECONDS,
+    ) -> SpokenAudio:  # fmt: skip
+        """Speak ``text``.
+
+        Args:
+            voice: one of :attr:`voices` (or the part after ``engine:``); None: the default voice.
+            speed: 0.25-4, 1 is the voice's own pace.
+            temperature / top_k: 0 picks the likeliest codes (the same audio every time);
+                above 0 samples them (``seed`` makes it repeatable).
+            on_audio: gets each final piece of audio (``[n]`` float32) as soon as it is decoded.
+            chunk_frames: codec frames per piece.
+            max_seconds: refuse text that would take longer.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise UserInputError("there is no text to speak")
+        if chunk_frames < 1:
+            raise UserInputError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        started = time.perf_counter()
+        vid = self.voice_id(voice)
+        ph = phonemize(text)
+        device = next(self.talker.parameters()).device
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(seed) % 2**63)
+        first: list[float] = []
+
+        def piece(wav: torch.Tensor) -> None:
+            if not first:
+                first.append(time.perf_counter() - started)
+            if on_audio is not None:
+                on_audio(wav.reshape(-1).float().cpu().numpy())
+
+        codes, wav = speak(
+            self.talker, self.codec, torch.tensor([ph.ids], device=device), piece, chunk_frames,
+            voice=vid, speed=speed, temperature=temperature, top_k=top_k,
+            max_frames=int(max_seconds * self.codec.frame_rate), generator=generator,
+        )  # fmt: skip
+        samples = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
+        return SpokenAudio(samples, self.sample_rate, text, self.voices[vid], codes[0].cpu(),
+                           first[0] if first else None, time.perf_counter() - started,
+                           {"phonemes": ph.text, "frames": int(codes.shape[-1])})  # fmt: skip
