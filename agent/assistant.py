@@ -127,8 +127,8 @@ class Assistant:
         parts = load_parts(folder, transcriber=transcriber, **options)
         speech = None
         if SpeechHead.present(folder):
-            device = options.get("device") or "cpu"
-            speech = lambda: SpeechHead.from_folder(folder, device)  # noqa: E731  (loads on first use)
+            device, dtype = options.get("device") or "cpu", options.get("dtype") or torch.float32
+            speech = lambda: SpeechHead.from_folder(folder, device, dtype)  # noqa: E731  (loads on first use)
         return cls(OmnivoxModel.from_parts(parts), parts.transcriber, speech)
 
     def settings(self, **overrides) -> GenerationSettings:

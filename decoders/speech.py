@@ -140,13 +140,18 @@ class SpeechHead:
         self.talker, self.codec = talker, codec
         self.voices = list(voices)
         self.default_voice = default_voice or self.voices[0]
+        if self.default_voice not in self.voices:
+            raise CheckpointError(f"default voice {self.default_voice!r} is not among the voices {self.voices}")
+        phonemize("Ready.")  # builds the G2P now (about a second), not in the first request
 
     @classmethod
-    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> SpeechHead:
-        """Load ``folder/talker`` and the codec folder it names (a sibling: ``folder/codec``)."""
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SpeechHead:
+        """Load ``folder/talker`` and the codec folder it names (a sibling: ``folder/codec``).
+        ``dtype`` is the talker's (e.g. bfloat16 on a GPU); the codec decodes in float32."""
         folder = Path(folder)
         talker_dir = folder / TALKER_DIR
         talker, data = load_talker(talker_dir, device)
+        talker = talker.to(dtype)
         codec_dir = folder / data["codec"]
         if not codec_dir.is_dir():
             raise CheckpointError(f"{talker_dir / TALKER_CONFIG} names the codec folder {data['codec']!r}, "
