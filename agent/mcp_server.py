@@ -8,7 +8,8 @@ objects; arguments are checked by ``Tool.validate`` before anything runs):
 - the other built-in tools (``detect_speech``, ``measure``, ``trim``, ``mix``, ``convert``) with
   their own schemas, except that a clip argument (``clip``, ``other``) takes any audio
   reference below, not only a workspace id;
-- no ``speak``: omnivox models answer in text only (the tool appears once a model can speak).
+- ``speak(text, voice, speed)``, offered only when the model folder can speak (it has a
+  ``talker/``): the text said in one of the model's voices (listed in the tool's schema).
 
 Audio in, as one of (checked where it enters):
 
@@ -19,8 +20,10 @@ Audio in, as one of (checked where it enters):
   (:meth:`Workspace.resolve`); without an allowed directory, paths are refused;
 - the id of audio the server holds: ``audio-1`` (made by trim, mix, convert), ``clip-1``.
 
-Audio out: a tool that makes audio answers with its text line (``audio-1: 0.50 s, 16000 Hz``)
-and the audio as MCP audio content (``Audio(data=..., format="wav")``).
+Audio out: a tool that makes audio (trim, mix, convert, speak) answers with its text line
+(``audio-1: 0.50 s, 16000 Hz``) and the audio as MCP audio content (``Audio(data=..., format="wav")``);
+the audio is held as that id (so ``speak``'s answer can go on to ``mix``) and written to the
+allowed directory as ``audio-1.wav``.
 
 Errors the client caused (bad arguments, unreadable audio, a path outside the allowed
 directory, a tool that cannot do what was asked) come back as tool errors (``isError``) whose
@@ -76,6 +79,16 @@ MIME_FORMAT = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mpeg"}
 
 Transport = Literal["stdio", "http"]
 AudioReference = Annotated[str, pydantic.Field(min_length=1)]
+SpokenText = Annotated[str, pydantic.Field(min_length=1, max_length=4096)]
+Speed = Annotated[float, pydantic.Field(ge=0.25, le=4.0)]
+# speak's docstring: its voice argument names the voices of the model at hand
+SPEAK_DOC = """Say a text aloud in one of the model's voices; makes a new audio id and returns the audio.
+
+    Args:
+        text: what to say (at most 4096 characters).
+        voice: the voice, one of {voices}; the part after "engine:" also works.
+        speed: how fast, 0.25 to 4; 1 is the voice's own pace.
+    """
 
 
 class AudioInputs:
@@ -208,6 +221,26 @@ class ClipArgumentsTool:
         return self.inner.run(held)
 
 
+def speech_tool(assistant: Assistant, workspace: Workspace) -> Tool:
+    """``speak``: text said by the assistant's speech head, held (and written) as the next ``audio-N``.
+
+    Loads the speech head now (its voices go into the schema); a folder without one raises
+    UserInputError.
+    """
+    voices = assistant.speech.voices_shown()
+
+    def speak(text: SpokenText, voice: str | None = None, speed: Speed = 1.0) -> ToolResult:
+        spoken = assistant.say(text, voice, speed=speed).audio
+        assert spoken is not None
+        made = workspace.put_audio(
+            spoken.waveform, spoken.sample_rate, note=f"{_short(text, 40)!r} in {spoken.voice}"
+        )
+        return ToolResult(f"{made.describe()}, voice {spoken.voice}", (made.id,))
+
+    speak.__doc__ = SPEAK_DOC.format(voices=voices)
+    return tool(speak)
+
+
 def server_tools(registry: ToolRegistry, inputs: AudioInputs) -> list[Tool | ClipArgumentsTool]:
     """Every tool the server offers: transcribe and ask on client audio, then the rest of the registry."""
     offered: list[Tool | ClipArgumentsTool] = audio_input_tools(registry, inputs)
@@ -291,7 +324,8 @@ def create_server(
 
     Args:
         assistant: the loaded :class:`~omnivox.agent.assistant.Assistant` (the model loads before
-            the server starts; its weights are not touched until the first tool call).
+            the server starts; its weights are not touched until the first tool call). When it can
+            speak, its speech head loads here and ``speak`` is offered.
         workspace: the allowed directory (paths are read there, audio tools make is written there)
             and the audio held.
         paths: read paths from clients (False: ids, data URLs and base64 only).
@@ -301,11 +335,15 @@ def create_server(
     registry = builtin_tools(assistant, workspace) if registry is None else registry
     inputs = AudioInputs(workspace, paths)
     worker = ToolWorker()
-    tools = [_bridge(t, workspace, worker) for t in server_tools(registry, inputs)]
+    offered = server_tools(registry, inputs)
+    if assistant.can_speak and "speak" not in {t.name for t in offered}:
+        offered.append(speech_tool(assistant, workspace))
+    tools = [_bridge(t, workspace, worker) for t in offered]
     instructions = (
         "Audio tools of an audio language model. Give audio as audio_base64, a data URL, "
         + ("a path inside the allowed directory, " if paths else "")
         + "or the id of audio a tool made (audio-1); tools that make audio return it as audio content."
+        + (" speak says a text aloud." if assistant.can_speak else "")
     )
     return MCPServer(name, instructions=instructions, tools=tools, log_level="WARNING")
 

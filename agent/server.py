@@ -4,7 +4,10 @@ Endpoints:
 
 - ``POST /v1/chat/completions``: text, ``input_audio`` and ``audio_url`` (data: URLs) content
   parts, multi-turn, ``n`` answers, tools (``tools``, ``tool_choice``, ``tool`` turns),
-  ``response_format`` (``json_schema``, ``json_object``), streaming (SSE).
+  ``response_format`` (``json_schema``, ``json_object``), streaming (SSE), spoken answers
+  (``modalities: ["text", "audio"]`` with ``audio: {"voice", "format"}``, when the model folder
+  can speak).
+- ``POST /v1/audio/speech``: text in, audio out in one of the model's voices.
 - ``POST /v1/audio/transcriptions``: multipart upload, answered by asking "Transcribe the speech."
   (so the assistant's transcription step answers it).
 - ``GET /v1/models``: the one model, named after its folder.
@@ -15,25 +18,47 @@ Endpoints:
 Every bad input is a 4xx in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``.
 
 How requests meet the model (:class:`Batcher`): the model is not thread-safe, so one worker thread
-does all model work. Requests queue for it; the worker takes the oldest, waits up to
-``batch_window_ms`` for others that decode alike (same settings; not streamed, not seeded) and
-answers up to ``max_batch_size`` answers in one batch (``Assistant.generate`` takes a batch). A
-full queue answers 429 with ``Retry-After``; a request not answered within ``request_timeout``
-answers 504. A client that goes away is dropped from the queue, and a streamed answer stops
-generating at its next token; a batch already running for others finishes.
+does all model work, speaking included. Requests queue for it; the worker takes the oldest, waits up
+to ``batch_window_ms`` for others that decode alike (same settings; not streamed, not seeded) and
+answers up to ``max_batch_size`` answers in one batch (``Assistant.generate`` takes a batch); a
+speech request runs alone. A full queue answers 429 with ``Retry-After``; a request not answered
+within ``request_timeout`` answers 504. A client that goes away is dropped from the queue, and a
+streamed answer stops generating at its next token (or its next piece of audio); a batch already
+running for others finishes.
 
-Not supported, and refused with a 400 that says so rather than ignored: spoken answers
-(``modalities`` with "audio", ``audio``), ``logprobs``, and ``audio_url`` parts that are not
-``data:`` URLs (this server never fetches). The request's ``model`` is not checked: any name is
-answered by the one model, whose name the response carries.
+Speech (the folder has a ``talker/``; otherwise asking for audio is a 400 that says the model cannot
+speak). What OpenAI's API does and omnivox does differently, on purpose:
+
+- voices are the model's own (``kokoro:jf_gongitsune``, or the part after ``engine:``, ``joe``);
+  OpenAI's names (``alloy``, ...) are refused with the list, since no voice here sounds like them.
+  ``{"id": name}`` is read like ``name``; no voice means the folder's default voice.
+- ``/v1/audio/speech`` formats: ``mp3`` (the default, as OpenAI's), ``opus`` (Ogg Opus), ``flac``,
+  ``wav`` (16-bit) and ``pcm`` (raw 16-bit little-endian mono at the codec's rate, which the
+  ``Content-Type`` names, e.g. ``audio/pcm;rate=16000``; OpenAI's is 24 kHz). ``pcm`` streams as it
+  is spoken; the other formats are sent once complete. ``aac``, ``stream_format: "sse"`` and
+  non-empty ``instructions`` (the voices cannot be steered by text) are refused with a 400.
+- chat answers with audio keep their text in ``content`` (OpenAI sets it null) and in
+  ``audio.transcript``; ``audio.data`` is the answer in ``audio.format`` (wav, mp3, flac, opus,
+  pcm16), base64. The server keeps no audio: ``expires_at`` is the time of the answer, and an
+  assistant turn sent back with only ``audio: {"id"}`` is refused (send the transcript as
+  content). Answers that are tool calls, or have nothing speakable in them, have no audio.
+  Streamed, the audio is ``pcm16`` only (as OpenAI streams it): after the text, a ``delta.audio``
+  chunk carries the ``id`` and ``transcript``, then chunks carry base64 ``data`` pieces as they
+  are spoken, then one carries ``expires_at``; the finish reason follows.
+
+Not supported, and refused with a 400 that says so rather than ignored: ``logprobs``, and
+``audio_url`` parts that are not ``data:`` URLs (this server never fetches). The request's
+``model`` is not checked: any name is answered by the one model, whose name the response carries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -59,6 +84,7 @@ from omnivox.agent.generation import Generation, GenerationSettings
 from omnivox.agent.streaming import StopText
 from omnivox.agent.tools import Tool
 from omnivox.agent.web import add_web_routes
+from omnivox.decoders.speech import SpeechHead, SpokenAudio
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, ToolSpec, calls_text, result_text, tools_text
 
@@ -76,12 +102,34 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 # must not grow one time series per path)
 METRIC_ENDPOINTS = (
     "/v1/chat/completions",
+    "/v1/audio/speech",
     "/v1/audio/transcriptions",
     "/v1/models",
     "/health",
     "/metrics",
     "/",
 )
+# Spoken audio out, by the name a request gives: (soundfile format, subtype, Content-Type); the
+# format None is raw 16-bit little-endian mono PCM at the codec's rate
+SPEECH_FORMATS = {
+    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
+    "opus": ("OGG", "OPUS", "audio/ogg"),
+    "flac": ("FLAC", "PCM_16", "audio/flac"),
+    "wav": ("WAV", "PCM_16", "audio/wav"),
+    "pcm": (None, None, "audio/pcm"),
+}
+CHAT_AUDIO_FORMATS = {
+    "wav": "wav",
+    "mp3": "mp3",
+    "flac": "flac",
+    "opus": "opus",
+    "pcm16": "pcm",
+}  # -> SPEECH_FORMATS
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # what Opus encodes; other rates are resampled to 48 kHz
+MAX_SPEECH_INPUT = 4096  # OpenAI's limit on /v1/audio/speech input, in characters
+MODALITIES = ("text", "audio")
+UNSPEAKABLE = "nothing speakable"  # how decoders/phonemes.py's error for such text begins
+CANNOT_SPEAK = "this model cannot speak: its folder has no talker/ (speech head); it answers in text only"
 
 
 @dataclass(frozen=True)
@@ -171,6 +219,24 @@ class ChatRequest:
     n: int = 1
     answer_format: AnswerFormat | None = None
     parallel_tool_calls: bool = True
+    audio_out: AudioOut | None = None  # speak the answers (``modalities`` with "audio")
+
+
+@dataclass(frozen=True)
+class AudioOut:
+    """How to speak: a voice the speech head has (its full name), a ``SPEECH_FORMATS`` key, the speed."""
+
+    voice: str
+    format: str
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """A checked ``/v1/audio/speech`` request: the text and how to speak it."""
+
+    text: str
+    out: AudioOut
 
 
 def _parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -339,6 +405,84 @@ def _read_calls(value: Any, where: str, names: dict[str, str]) -> str:
     return calls_text(calls)
 
 
+def _read_voice(value: Any, param: str, speech: SpeechHead) -> str:
+    """The full name of the voice a request names (``name`` or ``{"id": name}``; None: the default)."""
+    if value is None:
+        return speech.default_voice
+    name = value.get("id") if isinstance(value, dict) else value
+    if not isinstance(name, str) or not name:
+        raise APIError(400, f'{param} must be a voice name or {{"id": name}}, got {_show(value)}; this model speaks '
+                            f"with {speech.voices_shown()}", param=param, code="invalid_voice")  # fmt: skip
+    try:
+        return speech.voices[speech.voice_id(name)]
+    except UserInputError as err:  # names the voices there are
+        raise APIError(400, f"{param}: {err}", param=param, code="invalid_voice") from None
+
+
+def read_speech_request(body: dict[str, Any], speech: SpeechHead | None) -> SpeechRequest:
+    """Check a ``/v1/audio/speech`` request; raises APIError (400) naming the first bad field."""
+    if speech is None:
+        raise APIError(400, CANNOT_SPEAK, param="model", code="model_cannot_speak")
+    if body.get("model") is not None and not isinstance(body["model"], str):
+        raise APIError(400, "model must be a string", param="model")
+    text = body.get("input")
+    if not isinstance(text, str) or not text.strip():
+        raise APIError(
+            400, f"input must be a non-empty string (the text to speak), got {_show(text)}", param="input"
+        )
+    if len(text) > MAX_SPEECH_INPUT:
+        raise APIError(400, f"input is {len(text)} characters, over the limit of {MAX_SPEECH_INPUT}", param="input",
+                       code="string_above_max_length")  # fmt: skip
+    fmt = body.get("response_format")
+    fmt = "mp3" if fmt is None else fmt
+    if fmt not in SPEECH_FORMATS:
+        raise APIError(400, f"response_format must be one of {list(SPEECH_FORMATS)} (mp3 by default), got {_show(fmt)}",
+                       param="response_format")  # fmt: skip
+    stream_format = body.get("stream_format")
+    if stream_format not in (None, "audio"):
+        raise APIError(400, f"stream_format must be 'audio' on this server (pcm streams as it is spoken; 'sse' is not "
+                            f"supported), got {_show(stream_format)}", param="stream_format")  # fmt: skip
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise APIError(400, f"instructions must be a string, got {_show(instructions)}", param="instructions")
+    if instructions and instructions.strip():
+        raise APIError(400, "instructions are not supported: this model's voices cannot be steered by text; choose "
+                            f"voice and speed instead. Voices: {speech.voices_shown()}", param="instructions")  # fmt: skip
+    speed = _number(body, "speed", 0.25, 4.0)
+    voice = _read_voice(body.get("voice"), "voice", speech)
+    return SpeechRequest(text, AudioOut(voice, fmt, 1.0 if speed is None else speed))
+
+
+def _read_audio_out(body: dict[str, Any], speech: SpeechHead | None, stream: bool) -> AudioOut | None:
+    """How a chat request wants its answers spoken (``modalities``, ``audio``), or None for text only."""
+    modalities = body.get("modalities")
+    if modalities is not None and (
+        not isinstance(modalities, list) or not all(m in MODALITIES for m in modalities)
+    ):
+        raise APIError(400, f"modalities must be a list of {list(MODALITIES)}, got {_show(modalities)}",
+                       param="modalities")  # fmt: skip
+    audio = body.get("audio")
+    if not modalities or "audio" not in modalities:
+        if audio is not None:
+            raise APIError(400, 'audio is given but modalities does not ask for "audio": send modalities ["text", "audio"]',
+                           param="modalities")  # fmt: skip
+        return None
+    if speech is None:
+        raise APIError(400, f'{CANNOT_SPEAK} (drop "audio" from modalities)', param="modalities",
+                       code="model_cannot_speak")  # fmt: skip
+    if not isinstance(audio, dict):
+        raise APIError(400, f'modalities asks for "audio": audio must be {{"voice", "format"}}, got {_show(audio)}',
+                       param="audio")  # fmt: skip
+    fmt = audio.get("format")
+    if fmt not in CHAT_AUDIO_FORMATS:
+        raise APIError(400, f"audio.format must be one of {list(CHAT_AUDIO_FORMATS)}, got {_show(fmt)}",
+                       param="audio.format")  # fmt: skip
+    if stream and fmt != "pcm16":
+        raise APIError(400, f"a streamed answer is spoken as pcm16 (raw 16-bit PCM at {speech.sample_rate} Hz, as "
+                            f"OpenAI streams audio), got audio.format {_show(fmt)}", param="audio.format")  # fmt: skip
+    return AudioOut(_read_voice(audio.get("voice"), "audio.voice", speech), CHAT_AUDIO_FORMATS[fmt])
+
+
 def _read_messages(value: Any, max_seconds: float) -> tuple[list[Message], list[np.ndarray]]:
     if not isinstance(value, list) or not value:
         raise APIError(400, "messages must be a non-empty list of message objects", param="messages")
@@ -359,6 +503,9 @@ def _read_messages(value: Any, max_seconds: float) -> tuple[list[Message], list[
         if role == "assistant" and item.get("tool_calls") is not None:
             messages.append(Message("assistant", _read_calls(item["tool_calls"], where, call_names)))
             continue
+        if role == "assistant" and item.get("content") is None and item.get("audio") is not None:
+            raise APIError(400, f"{where}: this server keeps no spoken answers, so an assistant turn cannot be named by "
+                                "its audio id; send the answer's transcript as content", param=f"{where}.audio")  # fmt: skip
         if role == "assistant" and item.get("content") is None:
             raise APIError(
                 400, f"{where}: an assistant turn needs content or tool_calls", param=f"{where}.content"
@@ -480,23 +627,20 @@ def _read_answer_format(body: dict[str, Any]) -> AnswerFormat | None:
                        param="tools" if specs else "response_format") from None  # fmt: skip
 
 
-def read_chat_request(body: dict[str, Any], limits: ServerLimits = ServerLimits()) -> ChatRequest:
-    """Check a chat completion request (and decode its audio); raises APIError (400) naming the first bad field."""
-    modalities = body.get("modalities")
-    if modalities is not None and (
-        not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)
-    ):
-        raise APIError(400, "modalities must be a list of strings", param="modalities")
-    if (modalities and "audio" in modalities) or body.get("audio") is not None:
-        raise APIError(
-            400, 'this model cannot speak: only the "text" output modality is supported', param="modalities"
-        )
-    n = _integer(body, "n", 1, limits.max_batch_size) or 1
-    if body.get("logprobs") or body.get("top_logprobs") is not None:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+def read_chat_request(
+    body: dict[str, Any], limits: ServerLimits = ServerLimits(), speech: SpeechHead | None = None
+) -> ChatRequest:
+    """Check a chat completion request (and decode its audio); raises APIError (400) naming the first bad field.
+
+    ``speech``: the model's speech head (None: it cannot speak, and asking for audio is refused).
+    """
     stream = body.get("stream", False)
     if not isinstance(stream, bool | None):
         raise APIError(400, f"stream must be a boolean, got {_show(stream)}", param="stream")
+    audio_out = _read_audio_out(body, speech, bool(stream))
+    n = _integer(body, "n", 1, limits.max_batch_size) or 1
+    if body.get("logprobs") or body.get("top_logprobs") is not None:
+        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", param="stream_options")
@@ -529,7 +673,7 @@ def read_chat_request(body: dict[str, Any], limits: ServerLimits = ServerLimits(
     overrides = decoding_overrides(temperature, _number(body, "top_p", 0, 1), max_tokens)
     messages, audio = _read_messages(body.get("messages"), limits.max_audio_seconds)
     return ChatRequest(messages, audio, overrides, None if seed is None else seed % 2**63, stops, bool(stream),
-                       bool(options.get("include_usage")), n, answer_format, parallel is not False)  # fmt: skip
+                       bool(options.get("include_usage")), n, answer_format, parallel is not False, audio_out)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +682,10 @@ def read_chat_request(body: dict[str, Any], limits: ServerLimits = ServerLimits(
 
 class Cancelled(Exception):
     """A job's client went away or its time ran out; raised in the worker to stop generating."""
+
+
+class StreamCut(Exception):
+    """A streamed response failed after it began: raised out of the response to cut the connection."""
 
 
 class QueueFull(Exception):
@@ -560,7 +708,9 @@ class Job:
 
     ``notify(kind, value)`` is called from the worker thread: ("ready", None) once the clips are
     encoded and the prompt checked, ("text", piece) for each streamed piece (``stream``),
-    then ("done", JobResult) or ("error", exception).
+    then ("done", JobResult) or ("error", exception). With ``speak``, the answers are then spoken:
+    ("audio", (answer index, [n] float32 samples)) for each piece as it is made (``stream``),
+    then ("spoken", [SpokenAudio or None per answer]) or ("error", exception).
     """
 
     messages: list[Message]
@@ -572,6 +722,8 @@ class Job:
     seed: int | None = None
     stream: bool = False
     fit_tokens: bool = False  # max_new_tokens is the folder's default: shorten it to fit the context
+    speak: AudioOut | None = None  # speak each answer's text (as cut at ``stop``)
+    stop: tuple[str, ...] = ()
     deadline: float = math.inf  # time.monotonic() by which the answer is due
     cancelled: threading.Event = field(default_factory=threading.Event)
     started: bool = False
@@ -586,6 +738,28 @@ class Job:
         if (self.stream and self.n == 1) or self.seed is not None:
             return None
         return (self.settings,)
+
+
+@dataclass(eq=False)
+class SpeechJob:
+    """One ``/v1/audio/speech`` request's model work: ``text`` spoken as ``out`` says (always alone).
+
+    ``notify`` gets ("audio", (0, [n] float32 samples)) for each piece as it is made (``stream``),
+    then ("done", SpokenAudio) or ("error", exception).
+    """
+
+    text: str
+    out: AudioOut
+    notify: Callable[[str, Any], None]
+    stream: bool = False
+    n: int = 1  # answers, as the queue counts them
+    deadline: float = math.inf
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    started: bool = False
+    arrived: float = field(default_factory=time.monotonic)
+
+    def batch_key(self) -> None:
+        return None
 
 
 @dataclass
@@ -612,7 +786,7 @@ class Batcher:
         self.assistant = assistant
         self.limits = limits
         self.on_batch = on_batch
-        self._pending: collections.deque[Job] = collections.deque()
+        self._pending: collections.deque[Job | SpeechJob] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -632,7 +806,7 @@ class Batcher:
         if depth >= self.limits.max_queue:
             raise QueueFull(depth, max(1, math.ceil(self._seconds_per_batch)))
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | SpeechJob) -> None:
         """Queue ``job``; raises QueueFull when ``max_queue`` requests already wait."""
         with self._cond:
             if self._closed:
@@ -644,8 +818,9 @@ class Batcher:
                 self._thread.start()
             self._cond.notify()
 
-    def cancel(self, job: Job) -> None:
-        """Drop ``job`` from the queue, or stop its streamed answer at the next token (no-op once done)."""
+    def cancel(self, job: Job | SpeechJob) -> None:
+        """Drop ``job`` from the queue, or stop its streamed answer at the next token or piece of audio
+        (no-op once done)."""
         job.cancelled.set()
         with self._cond:
             if job in self._pending:
@@ -670,7 +845,7 @@ class Batcher:
                 for job in batch:
                     job.notify("error", err)
 
-    def _take(self) -> list[Job] | None:
+    def _take(self) -> list[Job | SpeechJob] | None:
         """The next batch: the oldest job and compatible ones that arrive within the window."""
         window = self.limits.batch_window_ms / 1000
         with self._cond:
@@ -700,7 +875,7 @@ class Batcher:
                     self._pending.remove(job)
                 return mates
 
-    def _mates(self, first: Job, key: tuple) -> list[Job]:
+    def _mates(self, first: Job, key: tuple) -> list[Job | SpeechJob]:
         mates, size = [first], first.n
         for job in self._pending:
             if job is not first and job.batch_key() == key and size + job.n <= self.limits.max_batch_size:
@@ -708,8 +883,12 @@ class Batcher:
                 size += job.n
         return mates
 
-    def _run(self, batch: list[Job]) -> None:
+    def _run(self, batch: list[Job | SpeechJob]) -> None:
         start = time.monotonic()
+        if isinstance(batch[0], SpeechJob):  # its batch key is None: it comes alone
+            self._say(batch[0])
+            self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * (time.monotonic() - start)
+            return
         ready = []
         for job in batch:
             job.started = True
@@ -795,11 +974,75 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(answers), sum(len(a.token_ids) for a in answers))
-        at = 0
+        shares, at = [], 0
         for item in items:
-            own = answers[at : at + item.job.n]
+            shares.append((item.job, answers[at : at + item.job.n]))
             at += item.job.n
-            item.job.notify("done", JobResult(own, item.prompt_tokens, item.audio_tokens))
+            item.job.notify("done", JobResult(shares[-1][1], item.prompt_tokens, item.audio_tokens))
+        for job, own in shares:  # every text answer is out before any is spoken
+            if job.speak is not None:
+                self._speak_answers(job, own)
+
+    def _speak_answers(self, job: Job, answers: list[Generation]) -> None:
+        """Speak each answer of ``job`` that is text; notifies ("spoken", [SpokenAudio | None]) or an error.
+
+        An answer with nothing speakable in it (only symbols, say) stays silent, like an empty one.
+        """
+        assert job.speak is not None
+        spoken: list[SpokenAudio | None] = []
+        for i, answer in enumerate(answers):
+            text = spoken_text(answer, job.stop)
+            try:
+                spoken.append(None if text is None else self._spoken(job, i, text, job.speak))
+            except UserInputError as err:
+                message = " ".join(str(err).split())
+                if message.startswith(UNSPEAKABLE):
+                    spoken.append(None)
+                    continue
+                job.notify("error", APIError(400, f"choice {i}: cannot speak the answer ({len(text or '')} characters): "
+                                                  f"{message}; ask for fewer max_tokens", param="max_tokens"))  # fmt: skip
+                return
+            except Exception as err:
+                job.notify("error", err)
+                return
+        job.notify("spoken", spoken)
+
+    def _say(self, job: SpeechJob) -> None:
+        job.started = True
+        if job.cancelled.is_set() or time.monotonic() > job.deadline:
+            job.notify("error", Cancelled())
+            return
+        try:
+            job.notify("done", self._spoken(job, 0, job.text, job.out))
+        except UserInputError as err:  # nothing speakable, or too long for the talker
+            message = " ".join(str(err).split())
+            job.notify("error", APIError(400, f"cannot speak the input ({len(job.text)} characters): {message}",
+                                         param="input"))  # fmt: skip
+        except Exception as err:
+            job.notify("error", err)
+
+    def _spoken(self, job: Job | SpeechJob, index: int, text: str, out: AudioOut) -> SpokenAudio:
+        """``text`` spoken; each piece goes out as ("audio", (index, samples)) when ``job.stream``.
+
+        Raises Cancelled when the job is cancelled or past its deadline (checked at every piece),
+        UserInputError when the text cannot be spoken (nothing speakable in it, or too long).
+        """
+
+        def on_audio(samples: np.ndarray) -> None:
+            if job.cancelled.is_set() or time.monotonic() > job.deadline:
+                raise Cancelled()
+            if job.stream:
+                job.notify("audio", (index, samples))
+
+        try:
+            audio = self.assistant.say(text, out.voice, on_audio=on_audio, speed=out.speed).audio
+        except (UserInputError, Cancelled):
+            raise
+        except Exception:
+            log.exception("speaking failed")
+            raise
+        assert audio is not None
+        return audio
 
     @staticmethod
     def _streamer(job: Job) -> Callable[[str], None]:
@@ -896,15 +1139,68 @@ def _tool_calls(answer: Generation, parallel: bool) -> list[dict[str, Any]]:
             for c in calls]  # fmt: skip
 
 
-def _choice(index: int, answer: Generation, request: ChatRequest) -> dict[str, Any]:
+def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one was met."""
+    cut = StopText(list(stop))
+    return cut.feed(text) + cut.flush(), cut.stopped
+
+
+def spoken_text(answer: Generation, stop: Sequence[str]) -> str | None:
+    """What of ``answer`` is spoken: its text cut at ``stop``; None for calls or no text (silent)."""
+    if answer.tool_calls:
+        return None
+    text = _cut(answer.text, stop)[0]
+    return text if text.strip() else None
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """``samples`` [S] float in [-1, 1] as raw 16-bit little-endian PCM, quantised as libsndfile writes
+    16-bit WAV and FLAC (``floor(x * 32768)``), so every format carries the same samples."""
+    scaled = np.floor(np.asarray(samples, dtype=np.float32) * np.float32(32768))
+    return np.clip(scaled, -32768, 32767).astype("<i2").tobytes()
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
+    """``samples`` [S] float32 mono in ``fmt`` (a ``SPEECH_FORMATS`` key): a file's bytes, or raw PCM."""
+    import soundfile as sf
+
+    container, subtype, _ = SPEECH_FORMATS[fmt]
+    if container is None:
+        return pcm16(samples)
+    if fmt == "opus" and sample_rate not in OPUS_RATES:
+        import soxr
+
+        samples, sample_rate = soxr.resample(samples, sample_rate, 48000).astype(np.float32), 48000
+    buffer = io.BytesIO()
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()
+
+
+def _media_type(fmt: str, sample_rate: int) -> str:
+    """The Content-Type of audio in ``fmt``; raw PCM names its rate (``audio/pcm;rate=16000``)."""
+    container, _, media = SPEECH_FORMATS[fmt]
+    return f"{media};rate={sample_rate}" if container is None else media
+
+
+def _message_audio(spoken: SpokenAudio, fmt: str) -> dict[str, Any]:
+    """A chat message's ``audio``: ``spoken`` in ``fmt``, base64 (the server keeps no copy: it expires now)."""
+    data = base64.b64encode(encode_audio(spoken.waveform, spoken.sample_rate, fmt)).decode()
+    return {"id": f"audio_{uuid.uuid4().hex}", "data": data, "expires_at": int(time.time()),
+            "transcript": spoken.transcript}  # fmt: skip
+
+
+def _choice(
+    index: int, answer: Generation, request: ChatRequest, audio: dict[str, Any] | None = None
+) -> dict[str, Any]:
     if answer.tool_calls:
         message = {"role": "assistant", "content": None, "refusal": None,
                    "tool_calls": _tool_calls(answer, request.parallel_tool_calls)}  # fmt: skip
         return {"index": index, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
-    cut = StopText(request.stop)
-    text = cut.feed(answer.text) + cut.flush()
+    text, stopped = _cut(answer.text, request.stop)
     message = {"role": "assistant", "content": text, "refusal": None}
-    finish = "stop" if cut.stopped else answer.finish_reason
+    if audio is not None:
+        message["audio"] = audio
+    finish = "stop" if stopped else answer.finish_reason
     return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
 
 
@@ -1001,7 +1297,7 @@ class PendingJob:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self.deadline = time.monotonic() + timeout
-        self.job: Job | None = None
+        self.job: Job | SpeechJob | None = None
 
     def notify(self, kind: str, value: Any) -> None:  # from the worker thread
         with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped
@@ -1012,7 +1308,7 @@ class PendingJob:
         retrying after Retry-After must cost little); :meth:`submit` checks again."""
         self._refuse_if_full(self.batcher.check_room)
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | SpeechJob) -> None:
         job.deadline = self.deadline
         self.job = job
         self._refuse_if_full(lambda: self.batcher.submit(job))
@@ -1086,9 +1382,11 @@ def create_app(
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
         limits: batching, queue, timeout and size limits.
 
-    The app's ``state.batcher`` holds the model queue (``close()`` it to end the worker thread).
+    The app's ``state.batcher`` holds the model queue (``close()`` it to end the worker thread). A
+    folder that can speak has its speech head loaded here, before the first request.
     """
     limits = limits or ServerLimits()
+    speech = assistant.speech if assistant.can_speak else None
     metrics = Metrics()
     batcher = Batcher(assistant, limits, on_batch=metrics.on_batch)
     metrics.watch_queue(lambda: batcher.depth)
@@ -1118,7 +1416,10 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error answering %s", request.url.path)
+        if isinstance(err, StreamCut):  # not a bug; the response began, so nothing more can be sent
+            log.warning("%s: %s", request.url.path, err)
+        else:
+            log.exception("internal error answering %s", request.url.path)
         return APIError(500, "internal server error", type="server_error").response()
 
     def check_key(request: Request) -> None:
@@ -1153,12 +1454,15 @@ def create_app(
         pending.check_room()
         raw = await request.body()
         # decoding audio is CPU work: off the event loop, beside (not in) the model thread
-        chat = await anyio.to_thread.run_sync(lambda: read_chat_request(_parse_json_body(raw), limits))
+        chat = await anyio.to_thread.run_sync(
+            lambda: read_chat_request(_parse_json_body(raw), limits, speech)
+        )
         settings = assistant.settings(**chat.overrides)
         if chat.answer_format is not None and chat.answer_format.constrained and settings.num_beams != 1:
             settings = replace(settings, num_beams=1)  # a grammar follows one row per answer
         pending.submit(Job(chat.messages, chat.audio, settings, pending.notify, chat.answer_format, chat.n,
-                           chat.seed, chat.stream, fit_tokens="max_new_tokens" not in chat.overrides))  # fmt: skip
+                           chat.seed, chat.stream, fit_tokens="max_new_tokens" not in chat.overrides,
+                           speak=chat.audio_out, stop=tuple(chat.stop)))  # fmt: skip
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if chat.stream:
             kind, value = await pending.until("ready")
@@ -1171,9 +1475,40 @@ def create_app(
         kind, value = await pending.until("done")
         if kind == "error":
             _raise_job_error(value)
-        choices = [_choice(i, answer, chat) for i, answer in enumerate(value.answers)]
+        audio: list[dict[str, Any] | None] = [None] * len(value.answers)
+        if chat.audio_out is not None:
+            kind, spoken = await pending.until("spoken")
+            if kind == "error":
+                _raise_job_error(spoken)
+            fmt = chat.audio_out.format
+            audio = await anyio.to_thread.run_sync(lambda: [s and _message_audio(s, fmt) for s in spoken])
+        choices = [_choice(i, answer, chat, audio[i]) for i, answer in enumerate(value.answers)]
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": model_name,
                              "choices": choices, "usage": _usage(value)})  # fmt: skip
+
+    @v1.post("/audio/speech")
+    async def audio_speech(request: Request) -> Response:
+        pending = PendingJob(batcher, request, limits.request_timeout)
+        pending.check_room()
+        raw = await request.body()
+        order = await anyio.to_thread.run_sync(lambda: read_speech_request(_parse_json_body(raw), speech))
+        assert speech is not None  # read_speech_request refuses otherwise
+        media = _media_type(order.out.format, speech.sample_rate)
+        headers = {"X-Voice": order.out.voice, "X-Sample-Rate": str(speech.sample_rate)}
+        if order.out.format == "pcm":  # raw PCM goes out piece by piece as it is spoken
+            pending.submit(SpeechJob(order.text, order.out, pending.notify, stream=True))
+            kind, value = await pending.until("audio", "done")  # an error before the first piece is a 4xx
+            if kind == "error":
+                _raise_job_error(value)
+            return StreamingResponse(_pcm_stream(pending, kind, value), media_type=media, headers=headers)
+        pending.submit(SpeechJob(order.text, order.out, pending.notify))
+        kind, value = await pending.until("done")
+        if kind == "error":
+            _raise_job_error(value)
+        data = await anyio.to_thread.run_sync(
+            encode_audio, value.waveform, value.sample_rate, order.out.format
+        )
+        return Response(data, media_type=media, headers=headers)
 
     @v1.post("/audio/transcriptions")
     async def transcriptions(request: Request) -> Response:
@@ -1255,6 +1590,7 @@ async def _stream(
                         log.error("generation failed", exc_info=value)
                     yield _sse(err.body())
                 break
+            finishes: dict[int, str] = {}  # held back while the answers are spoken
             for i, answer in enumerate(value.answers):
                 if answer.tool_calls:
                     calls = [
@@ -1268,9 +1604,18 @@ async def _stream(
                 rest = own.flush() if streamed else own.feed(answer.text) + own.flush()
                 if rest:
                     yield _sse(_chunk(cid, created, model, {"content": rest}, None, i))
-                yield _sse(
-                    _chunk(cid, created, model, {}, "stop" if own.stopped else answer.finish_reason, i)
-                )
+                finishes[i] = "stop" if own.stopped else answer.finish_reason
+                if request.audio_out is None:
+                    yield _sse(_chunk(cid, created, model, {}, finishes.pop(i), i))
+            if request.audio_out is not None:
+                try:
+                    async for piece in _spoken_deltas(pending, value, request, cid, created, model):
+                        yield piece
+                except APIError as err:  # a failure is logged where it happened (the worker)
+                    yield _sse(err.body())
+                    break
+                for i, finish in finishes.items():
+                    yield _sse(_chunk(cid, created, model, {}, finish, i))
             if request.include_usage:
                 yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [], "usage": _usage(value)})  # fmt: skip
@@ -1279,6 +1624,56 @@ async def _stream(
     finally:
         assert pending.job is not None
         pending.batcher.cancel(pending.job)  # the client left (or the answer is done: then a no-op)
+
+
+async def _spoken_deltas(
+    pending: PendingJob, result: JobResult, request: ChatRequest, cid: str, created: int, model: str
+) -> AsyncIterator[bytes]:
+    """The ``delta.audio`` chunks of a streamed chat answer (the openai client's ``ChoiceDeltaAudio``):
+    per spoken choice one with its ``id`` and ``transcript`` (with its first piece), then base64
+    pcm16 ``data`` as it is spoken, then one with only ``expires_at``. Raises APIError."""
+    ids: dict[int, str] = {}
+    while True:
+        kind, value = await pending.until("audio", "spoken", watch_client=False)
+        if kind == "error":
+            _raise_job_error(value)
+        if kind == "spoken":
+            break
+        i, samples = value
+        if i not in ids:
+            ids[i] = f"audio_{uuid.uuid4().hex}"
+            transcript = spoken_text(result.answers[i], request.stop)
+            yield _sse(
+                _chunk(cid, created, model, {"audio": {"id": ids[i], "transcript": transcript}}, None, i)
+            )
+        data = base64.b64encode(pcm16(samples)).decode()
+        yield _sse(_chunk(cid, created, model, {"audio": {"data": data}}, None, i))
+    expires = int(time.time())  # the server keeps no audio
+    for i in ids:
+        yield _sse(_chunk(cid, created, model, {"audio": {"expires_at": expires}}, None, i))
+
+
+async def _pcm_stream(pending: PendingJob, kind: str, value: Any) -> AsyncIterator[bytes]:
+    """Raw PCM pieces of a speech request as they are spoken, from the first event (``kind``, ``value``) on.
+
+    A failure after the first piece cannot change the status any more: the connection is cut (the
+    client sees an incomplete body, not a short file). A client that goes away stops the speaking.
+    """
+    try:
+        while kind == "audio":
+            yield pcm16(value[1])
+            try:
+                kind, value = await pending.until("audio", "done", watch_client=False)
+            except APIError as err:
+                kind, value = "error", err
+        if kind == "error":
+            try:
+                _raise_job_error(value)
+            except APIError as err:
+                raise StreamCut(f"the audio stream was cut after it began: {err.message}") from None
+    finally:
+        assert pending.job is not None
+        pending.batcher.cancel(pending.job)
 
 
 @contextlib.contextmanager

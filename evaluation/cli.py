@@ -54,6 +54,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.suite == "codec":
         return run_codec_eval(args)
+    if args.suite == "speech-out":
+        return run_speech_out_eval(args)
     from omnivox.evaluation.report import print_table, write_results
     from omnivox.evaluation.runner import run_selection, select, validate
 
@@ -124,6 +126,29 @@ def run_codec_eval(args: argparse.Namespace) -> int:
     report = evaluate_codec(codec, clips, progress=not args.no_progress)
     out = Path(args.out) if args.out else model_dir / "eval" / ("codec" if not args.codec else f"codec-{source.name}")
     write_codec_report(report, out)
+    print(markdown(report))
+    print(f"results written to {out}", file=sys.stderr)
+    return 0
+
+
+def run_speech_out_eval(args: argparse.Namespace) -> int:
+    """``--suite speech-out``: the speech head speaking held-out sentences (no LLM is loaded)."""
+    from omnivox.agent.cli import load_speech_for_cli, model_folder
+    from omnivox.errors import UserInputError
+    from omnivox.evaluation.speech_out import (
+        evaluate_speech_out,
+        held_out_sentences,
+        markdown,
+        write_speech_out_report,
+    )
+
+    if not args.data:
+        raise UserInputError("suite speech-out needs --data DIR (an `omnivox data tts` folder)")
+    sentences = held_out_sentences(Path(args.data), args.split, args.limit or 40)
+    head = load_speech_for_cli(args)
+    report = evaluate_speech_out(head, sentences, progress=not args.no_progress)
+    out = Path(args.out) if args.out else model_folder(args) / "eval" / "speech-out"
+    write_speech_out_report(report, out)
     print(markdown(report))
     print(f"results written to {out}", file=sys.stderr)
     return 0

@@ -197,8 +197,9 @@ def plot_spectrograms(columns: list[list[tuple[str, np.ndarray, int]]], path: Pa
                 continue
             title, audio, rate = column[row]
             audio = np.asarray(audio, dtype=np.float64)[: int(rate * max_seconds)]
+            audio = audio + 1e-6 * np.random.default_rng(0).standard_normal(audio.size)  # digital silence: no log(0)
             nfft = 512 if rate <= 16_000 else 1024
-            ax.specgram(audio + 1e-7, NFFT=nfft, Fs=rate, noverlap=nfft * 3 // 4, cmap="magma")
+            ax.specgram(audio, NFFT=nfft, Fs=rate, noverlap=nfft * 3 // 4, cmap="magma")
             ax.set_title(title[:48], fontsize=9)
             ax.set_xlabel("s")
             ax.set_ylabel("Hz")

@@ -348,7 +348,9 @@ SUITES: dict[str, str] = {
     "fixtures": "the real speech clips of ../shared/fixtures/speech, 'Transcribe the speech.': WER",
     "codec": "the model's speech codec (or --codec DIR) resynthesising held-out voices (--data) and the real "
              "fixtures: Whisper WER before/after, STOI, PESQ-wb, speed (not part of 'all': no LLM involved)",
-    "all": "every suite above but codec",
+    "speech-out": "the model speaking the held-out sentences of an `omnivox data tts` folder (--data): Whisper WER "
+                  "beside the source voice's, speaker similarity, first audio, RTF (not part of 'all')",
+    "all": "every suite above but codec and speech-out",
 }
 
 assert all(spec.suite in MANIFEST_SUITES and spec.suite != "format" for spec in TASKS.values())

@@ -28,7 +28,7 @@ from torch import nn
 
 from omnivox.decoders.codec import MelCodec, load_mel_codec
 from omnivox.decoders.phonemes import PHONEMES, phonemize
-from omnivox.decoders.speech import TALKER_CONFIG, TALKER_WEIGHTS, save_talker
+from omnivox.decoders.speech import save_talker
 from omnivox.decoders.talker import Talker, TalkerConfig
 from omnivox.encoders.base import torch_load_checkpoint
 from omnivox.errors import CheckpointError, UserInputError

@@ -276,3 +276,63 @@ def test_mcp_command_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["mcp", "--transport", "http", "--port", "0"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# speak: offered when the model folder can speak
+
+
+@pytest.fixture(scope="module")
+def speaking_assistant(greedy_dir, tmp_path_factory):
+    """The tiny model with a tiny speech head (voices kokoro:jf_tiny, piper:joe)."""
+    import shutil
+
+    from omnivox.agent.assistant import Assistant
+
+    folder = tmp_path_factory.mktemp("mcp-speaks") / "speaks"
+    shutil.copytree(greedy_dir, folder)
+    return Assistant.from_pretrained(tiny.add_speech_head(folder))
+
+
+async def test_speak_returns_the_spoken_audio(speaking_assistant, allowed):
+    server = create_server(speaking_assistant, Workspace(allowed))
+    async with mcp.Client(server) as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+        spoken = await client.call_tool("speak", {"text": "Hello there.", "voice": "joe", "speed": 1.25})
+        measured = await client.call_tool("measure", {"clip": "audio-1"})  # the audio is held by its id
+    assert set(tools) == TOOLS | {"speak"}
+    schema = tools["speak"].input_schema
+    assert schema["required"] == ["text"] and schema["properties"]["speed"]["maximum"] == 4.0
+    assert (
+        "kokoro:jf_tiny, piper:joe (default kokoro:jf_tiny)" in schema["properties"]["voice"]["description"]
+    )
+    assert not spoken.is_error, spoken.content
+    text, audio = spoken.content
+    expected = speaking_assistant.say("Hello there.", "joe", speed=1.25).audio
+    assert text.text == f"audio-1: {expected.seconds:.2f} s, 16000 Hz, voice piper:joe"
+    assert isinstance(audio, AudioContent) and audio.mime_type == "audio/wav"
+    samples, rate = sf.read(io.BytesIO(base64.b64decode(audio.data)), dtype="float32")
+    assert rate == expected.sample_rate and samples.shape == expected.waveform.shape
+    assert abs(samples - expected.waveform).max() <= 1.5 / 32768  # 16-bit WAV
+    assert (allowed / "audio-1.wav").read_bytes() == base64.b64decode(audio.data)  # written where tools write
+    assert json.loads(_text(measured))["duration"] == round(expected.seconds, 2)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        (
+            {"text": "Hello.", "voice": "alloy"},
+            "unknown voice 'alloy'; this model speaks with kokoro:jf_tiny, piper:joe",
+        ),
+        ({"text": ""}, "text: String should have at least 1 character"),
+        ({"text": "x" * 4097}, "text: String should have at most 4096 characters"),
+        ({"text": "   "}, "there is no text to speak"),
+        ({"text": "Hello.", "speed": 9}, "speed: Input should be less than or equal to 4"),
+        ({"voice": "joe"}, "text: Field required"),
+    ],
+)
+async def test_bad_speak_calls_are_tool_errors(speaking_assistant, allowed, arguments, words):
+    async with mcp.Client(create_server(speaking_assistant, Workspace(allowed))) as client:
+        result = await client.call_tool("speak", arguments)
+    assert result.is_error and words in _text(result), result.content

@@ -4,6 +4,7 @@ run as users run it (``omnivox train RECIPE``)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,11 @@ import torch
 from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
 from omnivox.training.cli import main
 from omnivox.training.config import ConfigError, load_train_config
+from omnivox.decoders.speech import TALKER_CONFIG, SpeechHead
 from omnivox.training.talker import (
     FINAL_DIR,
     PAIRS_FILE,
     STATE_FILE,
-    TALKER_CONFIG,
     clean_speech_items,
     load_state,
 )
@@ -112,6 +113,21 @@ def test_training_lowers_the_code_loss_and_writes_a_talker(setup, tmp_path: Path
     history = [h for h in load_state(out / STATE_FILE)["history"] if h["kind"] == "train"]
     assert np.mean([h["codes"] for h in history[-5:]]) < 0.8 * np.mean([h["codes"] for h in history[:5]])
     assert (out / PAIRS_FILE).is_file() and json.loads((out / "metrics.json").read_text())["train_utterances"] == 6
+    assert saved["default_voice"] == "espeak:v0"  # the recipe names none: the first voice
+    # beside its codec, the talker is a model folder's speech head
+    folder = tmp_path / "model"
+    shutil.copytree(out / FINAL_DIR, folder / "talker")
+    shutil.copytree(codec, folder / "codec")
+    spoken = SpeechHead.from_folder(folder).say("Open the door.", "v1")
+    assert spoken.voice == "espeak:v1" and spoken.codes.shape[0] == 2 and spoken.waveform.size == 320 * spoken.codes.shape[1]
+
+
+def test_the_default_voice_must_be_one_the_data_has(setup, tmp_path: Path, capsys) -> None:
+    data, codec = setup
+    recipe = str(_recipe(tmp_path, data, codec, tmp_path / "run"))
+    assert main(["train", recipe, "--no-progress", "--set", "talker.default_voice=espeak:nobody"]) == 2
+    assert "default_voice 'espeak:nobody' is not among the data's voices" in capsys.readouterr().err
+    assert not (tmp_path / "run" / STATE_FILE).exists()  # refused before any step
 
 
 def test_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path: Path) -> None:
