@@ -1,9 +1,12 @@
-"""``make demo``: the bundled nano model answers questions about bundled example clips.
+"""``make demo``: the bundled nano model answers questions about bundled example clips, then
+speaks its first answer.
 
-Run with ``python -m omnivox.agent.demo [--model DIR]``. The clips live in
+Run with ``python -m omnivox.agent.demo [--model DIR] [--out FILE.wav]``. The clips live in
 ``assets/examples`` (a real speech recording, speech in held-out voices, sound events, a
 mixture) with the questions in ``assets/examples/questions.json``; ``sources.json`` there
-says where each clip comes from, its licence and its reference answer.
+says where each clip comes from, its licence and its reference answer. When the model folder
+can speak, the first answer (the transcript of the real recording) is spoken into ``--out``
+and Whisper tiny.en's reading of that audio is printed beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ def _examples() -> list[tuple[Path, list[str], dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Ask the bundled model about example clips.")
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: the bundled nano)")
+    parser.add_argument("--out", type=Path, default=Path("omnivox-demo-answer.wav"),
+                        help="where the spoken answer is written (default ./omnivox-demo-answer.wav)")  # fmt: skip
     args = parser.parse_args(argv)
     from rich.console import Console
 
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             assistant = Assistant.from_pretrained(folder)
         console.print(f"[dim]loaded {folder} in {time.perf_counter() - start:.1f} s[/dim]")
         settings = assistant.settings(max_new_tokens=64)  # as `omnivox chat` decodes
+        first_answer = None
         for path, questions, source in _examples():
             clip = load_audio(path)
             console.rule(f"{path.name}  ({clip.duration:.1f} s)")
@@ -57,13 +63,33 @@ def main(argv: list[str] | None = None) -> int:
                 from omnivox.prompts import Message
 
                 answer = assistant.generate([[Message("user", question, num_audio=1)]], [[encoded]], settings)[0].text
+                first_answer = first_answer or answer
                 console.print(f"[bold]Q:[/bold] {question}\n[bold green]A:[/bold green] {answer}")
                 if question == source.get("instruction"):
                     console.print(f"[dim]   reference: {source['answer']}[/dim]")
+        if assistant.can_speak and first_answer:
+            speak_and_check(assistant, first_answer, args.out, console)
     except OmnivoxError as err:
         print(f"omnivox demo: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def speak_and_check(assistant: Assistant, text: str, out: Path, console) -> str:
+    """Speak ``text`` into ``out`` and print what Whisper tiny.en hears in it; returns that."""
+    from omnivox.agent.cli import speak_to_file
+    from omnivox.agent.loading import resolve_ref
+    from omnivox.agent.transcriber import WhisperTranscriber
+    from omnivox.evaluation.codec import WHISPER
+
+    console.rule("the model speaks its first answer")
+    spoken = speak_to_file(assistant.speech, text, out)
+    heard = WhisperTranscriber.from_checkpoint(resolve_ref(WHISPER, None)).transcribe_long(
+        load_audio(out).samples
+    )  # fmt: skip
+    console.print(f"[bold]said:[/bold] {text}\n[bold]wrote:[/bold] {out} ({spoken.seconds:.1f} s, voice {spoken.voice}, "
+                  f"first audio after {1000 * (spoken.first_audio_s or 0):.0f} ms)\n[bold]Whisper tiny.en hears:[/bold] {heard}")  # fmt: skip
+    return heard
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from omnivox.datagen import augment as aug
 from omnivox.datagen.generate import SPLITS, _corpus_hash, _wav_bytes, _write_atomic
 from omnivox.datagen.text import FORTUNE_DIR, TextCorpus, load_corpus
-from omnivox.datagen.voices import SAMPLE_RATE, ENGINES, Voice
+from omnivox.datagen.voices import ENGINES, SAMPLE_RATE, Voice
 from omnivox.errors import UserInputError
 
 log = logging.getLogger(__name__)

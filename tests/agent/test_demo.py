@@ -25,3 +25,14 @@ def test_every_clip_has_a_source_entry() -> None:
     sources = json.loads((demo.EXAMPLES / "sources.json").read_text())
     assert [path.name for path, _, _ in demo._examples()] == list(sources)
     assert all(entry["answer"] and entry["instruction"] for entry in sources.values())
+
+
+def test_the_demo_speaks_its_first_answer_and_whisper_reads_it(tiny_model_dir, tmp_path, capsys) -> None:
+    import tiny
+
+    folder = tiny.add_speech_head(tiny.greedy_copy(tiny_model_dir, tmp_path, max_new_tokens=6, name="speaks"))
+    out = tmp_path / "answer.wav"
+    assert demo.main(["--model", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Whisper tiny.en hears:" in printed and "voice kokoro:jf_tiny" in printed
+    assert load_audio(out).duration > 0
