@@ -119,3 +119,16 @@ def test_whisper_transcriber_on_cuda_gives_the_cpu_candidates_and_transcript(tin
         answers.append(assistant.chat("Transcribe the speech.", [clip], GREEDY).text)
     assert hypotheses[0] == hypotheses[1]
     assert answers[0] == answers[1]
+
+
+def test_greedy_codec_codes_on_cuda_equal_the_cpu_codes_and_bf16_speaks(tmp_path):
+    from omnivox.decoders.speech import SpeechHead
+
+    folder = tiny.add_speech_head(tmp_path / "speaks")
+    text = "The quick brown fox jumps over the lazy dog."
+    on_cpu = SpeechHead.from_folder(folder).say(text, "joe")
+    on_cuda = SpeechHead.from_folder(folder, "cuda").say(text, "joe")
+    assert torch.equal(on_cuda.codes, on_cpu.codes)  # the durations and every greedy code
+    assert torch.allclose(torch.from_numpy(on_cuda.waveform), torch.from_numpy(on_cpu.waveform), atol=1e-4)
+    half = SpeechHead.from_folder(folder, "cuda", torch.bfloat16).say(text, "joe")
+    assert half.codes.shape[0] == on_cpu.codes.shape[0] and int(half.codes.max()) < 16 and half.waveform.size > 0
