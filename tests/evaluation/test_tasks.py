@@ -16,7 +16,7 @@ def test_every_suite_but_fixtures_and_all_has_tasks_and_every_task_a_suite():
     suites = {spec.suite for spec in T.TASKS.values()}
     assert suites == set(T.MANIFEST_SUITES) - {"format"}  # format rows come from metadata["format"]
     assert set(T.FORMATS) == {"word", "json", "list"}
-    assert set(T.SUITES) == {*T.MANIFEST_SUITES, "fixtures", "codec", "all"}  # codec: no LLM, not in all
+    assert set(T.SUITES) == {*T.MANIFEST_SUITES, "fixtures", "codec", "speech-out", "all"}  # no LLM in the last two: not in all
     assert T.suite_parts("all") == (*T.MANIFEST_SUITES, "fixtures")
     with pytest.raises(UserInputError, match="unknown suite"):
         T.suite_parts("nope")
