@@ -35,6 +35,7 @@ import os
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,18 +324,25 @@ def generate(out_dir: Path, hours: float, seed: int, workers: int = 1, options: 
     done = n - len(todo)
     log.info("%d items planned (%d already done) with %d voices, %d workers", n, done, len(voices), workers)
     bar = tqdm(total=n, initial=done, desc="synth", unit="item", disable=not opts.progress, dynamic_ncols=True)
-    if workers == 1 or len(todo) <= 1:
-        _init_worker(job)
-        for i in todo:
-            render_item(i)
-            bar.update()
-    else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-            for _ in pool.imap_unordered(render_item, todo, chunksize=4):
-                bar.update()
+    render_all(render_item, _init_worker, job, todo, workers, bar.update, chunksize=4)
     bar.close()
     return write_manifests(out_dir, keys, seed, hours, opts, corpus, by_split, fingerprint)
+
+
+def render_all(render: Callable[[Any], Any], init: Callable[[Any], None], job: Any, todo: Sequence[Any], workers: int,
+               done: Callable[[], Any], chunksize: int = 4) -> None:  # fmt: skip
+    """``render`` every key of ``todo``: here (``workers`` 1), or in a pool of ``workers`` processes
+    each set up with ``init(job)``; ``done()`` after each item (in any order)."""
+    if workers == 1 or len(todo) <= 1:
+        init(job)
+        for key in todo:
+            render(key)
+            done()
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(workers, initializer=init, initargs=(job,)) as pool:
+        for _ in pool.imap_unordered(render, todo, chunksize=chunksize):
+            done()
 
 
 def write_manifests(out_dir: Path, keys: list[ItemKey], seed: int, hours: float, opts: SynthOptions, corpus: TextCorpus,

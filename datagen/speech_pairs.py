@@ -29,7 +29,6 @@ import argparse
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import zlib
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from omnivox.datagen import augment as aug
-from omnivox.datagen.generate import SPLITS, _corpus_hash, _wav_bytes, _write_atomic
+from omnivox.datagen.generate import SPLITS, _corpus_hash, _wav_bytes, _write_atomic, render_all
 from omnivox.datagen.text import FORTUNE_DIR, TextCorpus, load_corpus
 from omnivox.datagen.voices import ENGINES, SAMPLE_RATE, Voice
 from omnivox.errors import UserInputError
@@ -210,16 +209,7 @@ def generate_tts(out_dir: Path, hours: float, seed: int = 0, workers: int = 1, o
     job = _Job(out_dir, seed, tuple(voices), corpus, opts)
     log.info("%d TTS items planned (%d already done), voices %s, %d workers", n, n - len(todo), opts.voices, workers)
     bar = tqdm(total=n, initial=n - len(todo), desc="tts", unit="item", disable=not opts.progress, dynamic_ncols=True)
-    if workers == 1 or len(todo) <= 1:
-        _init_worker(job)
-        for i in todo:
-            render(i)
-            bar.update()
-    else:
-        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
-            for _ in pool.imap_unordered(render, todo, chunksize=2):
-                bar.update()
+    render_all(render, _init_worker, job, todo, workers, bar.update, chunksize=2)
     bar.close()
     return write_manifests(out_dir, n, fingerprint, corpus)
 

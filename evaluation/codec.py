@@ -185,12 +185,11 @@ def sound_checks(codec: Codec, per_kind: int = 6, seed: int = 0) -> list[SoundSc
 
 def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER, progress: bool = True) -> CodecReport:
     """Resynthesise every clip and score it (see the module docstring)."""
-    import jiwer
     from tqdm import tqdm
 
     from omnivox.agent.loading import resolve_ref
     from omnivox.agent.transcriber import WhisperTranscriber
-    from omnivox.evaluation.metrics import normalize_transcript
+    from omnivox.evaluation.metrics import corpus_wer
 
     if not clips:
         raise UserInputError("no clips to evaluate the codec on")
@@ -210,13 +209,13 @@ def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER,
         ))  # fmt: skip
     for group in dict.fromkeys(c.group for c in report.clips):
         rows = [c for c in report.clips if c.group == group]
-        refs = [normalize_transcript(c.text) for c in rows]
+        refs = [c.text for c in rows]
         pesqs = [c.pesq_wb for c in rows if c.pesq_wb is not None]
         report.groups[group] = {
             "clips": len(rows),
             "seconds": sum(c.seconds for c in rows),
-            "wer_original": jiwer.wer(refs, [normalize_transcript(c.original) for c in rows]),
-            "wer_resynthesis": jiwer.wer(refs, [normalize_transcript(c.resynthesis) for c in rows]),
+            "wer_original": corpus_wer(refs, [c.original for c in rows]),
+            "wer_resynthesis": corpus_wer(refs, [c.resynthesis for c in rows]),
             "stoi": float(np.mean([c.stoi for c in rows])),
             "pesq_wb": float(np.mean(pesqs)) if pesqs else float("nan"),
             "real_time_factor": sum(c.codec_seconds for c in rows) / sum(c.seconds for c in rows),

@@ -91,6 +91,12 @@ def char_edits(reference: str, prediction: str, normalize: bool = True) -> EditC
     return EditCounts(out.substitutions, out.deletions, out.insertions, out.substitutions + out.deletions + out.hits)
 
 
+def corpus_wer(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """Corpus WER of ``predictions`` against ``references``, both after :func:`normalize_transcript`."""
+    edits = [word_edits(r, p) for r, p in zip(references, predictions, strict=True)]
+    return corpus_rate([e.errors for e in edits], [e.ref_len for e in edits])
+
+
 def corpus_rate(errors: Sequence[int], ref_lens: Sequence[int]) -> float:
     """Corpus error rate: sum of errors / sum of reference lengths (not a mean of item rates)."""
     total = sum(ref_lens)

@@ -112,13 +112,12 @@ def _similarity(encoder: Any, a: np.ndarray, b: np.ndarray) -> float | None:
 
 def evaluate_speech_out(head: SpeechHead, sentences: list[Sentence], whisper: str = WHISPER, progress: bool = True) -> SpeechOutReport:
     """Speak every sentence and score it (see the module docstring)."""
-    import jiwer
     import soxr
     from tqdm import tqdm
 
     from omnivox.agent.loading import resolve_ref
     from omnivox.agent.transcriber import WhisperTranscriber
-    from omnivox.evaluation.metrics import normalize_transcript
+    from omnivox.evaluation.metrics import corpus_wer
 
     if not sentences:
         raise UserInputError("no sentences to speak")
@@ -144,14 +143,14 @@ def evaluate_speech_out(head: SpeechHead, sentences: list[Sentence], whisper: st
         ))  # fmt: skip
     for voice in dict.fromkeys(i.voice for i in report.items):
         rows = [i for i in report.items if i.voice == voice]
-        refs = [normalize_transcript(i.text) for i in rows]
+        refs = [i.text for i in rows]
         sims = [i.similarity for i in rows if i.similarity is not None]
         report.voices[voice] = {
             "sentences": len(rows),
             "seconds": sum(i.seconds for i in rows),
-            "wer_model": jiwer.wer(refs, [normalize_transcript(i.heard_model) for i in rows]),
-            "wer_source": jiwer.wer(refs, [normalize_transcript(i.heard_source) for i in rows]),
-            "wer_source_through_codec": jiwer.wer(refs, [normalize_transcript(i.heard_codec) for i in rows]),
+            "wer_model": corpus_wer(refs, [i.heard_model for i in rows]),
+            "wer_source": corpus_wer(refs, [i.heard_source for i in rows]),
+            "wer_source_through_codec": corpus_wer(refs, [i.heard_codec for i in rows]),
             "speaker_similarity": float(np.mean(sims)) if sims else None,
             "first_audio_ms_median": 1000 * float(np.median([i.first_audio_s for i in rows])),
             "real_time_factor": sum(i.speak_seconds for i in rows) / max(1e-9, sum(i.seconds for i in rows)),

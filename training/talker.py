@@ -147,6 +147,19 @@ def load_state(path: Path) -> dict[str, Any]:
     return load_part_state(path, "talker", ("step", "talker_cfg", "talker", "optimizer", "scheduler", "history", "voices"))
 
 
+def export_state(state_path: Path, folder: Path, codec_name: str = "codec", default_voice: str | None = None,
+                 dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+    """The talker of a run's ``last.pt`` (e.g. one stopped by its time limit) as a ``talker/``
+    folder beside a codec folder named ``codec_name``."""
+    state = load_state(state_path)
+    talker = Talker(TalkerConfig.from_dict(state["talker_cfg"]))
+    try:
+        talker.load_state_dict(state["talker"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{state_path}: does not fit the talker it describes ({err})") from None
+    return save_talker(talker.eval(), list(state["voices"]), codec_name, folder, default_voice, dtype)
+
+
 @torch.no_grad()
 def validate(talker: Talker, pairs: list[Pair], voices: dict[str, int], max_frames: int) -> dict[str, float]:
     talker.eval()

@@ -13,14 +13,15 @@ import soundfile as sf
 import torch
 
 from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
+from omnivox.decoders.speech import TALKER_CONFIG, SpeechHead
 from omnivox.training.cli import main
 from omnivox.training.config import ConfigError, load_train_config
-from omnivox.decoders.speech import TALKER_CONFIG, SpeechHead
 from omnivox.training.talker import (
     FINAL_DIR,
     PAIRS_FILE,
     STATE_FILE,
     clean_speech_items,
+    export_state,
     load_state,
 )
 
@@ -136,6 +137,12 @@ def test_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path: Path) 
     assert main(["train", str(_recipe(tmp_path, data, codec, straight)), "--no-progress"]) == 0
     recipe = str(_recipe(tmp_path, data, codec, resumed))
     assert main(["train", recipe, "--no-progress", "--set", "stop_at_step=3"]) == 0
+    # a stopped run's talker can be taken out and spoken with
+    folder = tmp_path / "stopped"
+    export_state(resumed / STATE_FILE, folder / "talker", default_voice="espeak:v1", dtype=torch.bfloat16)
+    shutil.copytree(codec, folder / "codec")
+    head = SpeechHead.from_folder(folder)
+    assert head.default_voice == "espeak:v1" and head.say("Good night.").codes.shape[0] == 2
     assert main(["train", recipe, "--no-progress"]) == 0
     state, reference = load_state(resumed / STATE_FILE), load_state(straight / STATE_FILE)
     assert [h["total"] for h in state["history"]] == pytest.approx([h["total"] for h in reference["history"]])
