@@ -20,6 +20,17 @@ Why durations and not attention: the alignment is learned the way Glow-TTS learn
 which trains in minutes on CPU and cannot skip or repeat words at generation time. Why
 depth heads: residual codebooks depend on the ones before them in the same frame.
 
+Tasks on audio (``source_mels`` > 0; SpeechX / UniAudio style): noise suppression, speech
+removal, dereverberation, target-speaker extraction. The output is frame-aligned with an input
+clip, so the phoneme path is replaced by a source path: the input's normalised mel frames (the
+codec's analysis) -> a bidirectional transformer -> one state per output frame, plus the task
+row and, for target-speaker extraction (or a voice given by a clip), a prompt vector pooled
+from an enrolment clip through the same encoder. The frame decoder and depth heads are shared
+with text to speech::
+
+    source frames [B, T, M] -> source encoder -> s [B, T, D] (+ task, + prompt vector)
+        + the previous frame's codes -> causal transformer -> depth heads (as above)
+
 Token pattern: one step per frame; within a step the K codes come in codebook order from
 the depth heads, each restricted to its own codebook's ids (``codebook_size`` logits per
 head: no other id can be chosen). The number of frames is fixed by the durations before the
@@ -49,6 +60,8 @@ class TalkerConfig:
         num_codebooks / codebook_size / n_mels: of the codec it speaks through.
         llm_hidden_size: width of the LLM states it reads (0: phonemes only).
         num_voices: rows of the named-voice table; num_tasks: rows of the task table.
+        source_mels: mel bins of an input clip for tasks on audio (0: text to speech only);
+            source_layers: layers of the encoder that reads it.
         max_phoneme_frames: the longest a phoneme may last at generation time.
         position_buckets: frames-into-the-phoneme and frames-left positions are clipped here.
     """
@@ -69,6 +82,8 @@ class TalkerConfig:
     max_phoneme_frames: int = 40
     position_buckets: int = 32
     max_positions: int = 4096
+    source_mels: int = 0
+    source_layers: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -76,9 +91,9 @@ class TalkerConfig:
             if f.name == "dropout":
                 if not 0 <= value < 1:
                     raise CheckpointError(f"talker config: dropout must be in [0, 1), got {value}")
-            elif f.name == "llm_hidden_size":
+            elif f.name in ("llm_hidden_size", "source_mels"):
                 if not isinstance(value, int) or value < 0:
-                    raise CheckpointError(f"talker config: llm_hidden_size must be an integer >= 0, got {value!r}")
+                    raise CheckpointError(f"talker config: {f.name} must be an integer >= 0, got {value!r}")
             elif not isinstance(value, int) or value < 1:
                 raise CheckpointError(f"talker config: {f.name} must be a positive integer, got {value!r}")
         if self.dim % self.heads:
@@ -231,6 +246,11 @@ class Talker(nn.Module):
             nn.Sequential(nn.LayerNorm(c.dim), nn.Linear(c.dim, c.dim), nn.GELU(), nn.Linear(c.dim, c.codebook_size))
             for _ in range(c.num_codebooks)
         )
+        if c.source_mels:  # tasks on audio: an encoder of the input clip and of an enrolment clip
+            self.source_in = nn.Linear(c.source_mels, c.dim)
+            self.source_encoder = nn.ModuleList(Block(c.dim, c.heads, c.ffn, c.dropout) for _ in range(c.source_layers))
+            self.source_norm = nn.LayerNorm(c.dim)
+            self.prompt_proj = nn.Linear(c.dim, c.dim)
 
     # ------------------------------------------------------------------ text side
     def encode_text(self, phonemes: torch.Tensor, mask: torch.Tensor, word_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -262,6 +282,38 @@ class Talker(nn.Module):
         x = x + self.into_phoneme(position.clamp(0, c.position_buckets - 1))
         x = x + self.left_in_phoneme(left.clamp(0, c.position_buckets - 1))
         return x + (self.voice(voice) + self.task(task))[:, None]
+
+    # ------------------------------------------------------------------ audio side
+    def encode_source(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """An input clip's normalised mel frames ``[B, T, M]`` (``mask [B, T]`` valid) -> ``[B, T, D]``."""
+        c = self.config
+        if not c.source_mels:
+            raise UserInputError("this talker does no tasks on audio (its source_mels is 0)")
+        if frames.dim() != 3 or frames.shape[-1] != c.source_mels or mask.shape != frames.shape[:2]:
+            raise UserInputError(f"source frames must be [B, T, {c.source_mels}] with a [B, T] mask, got "
+                                 f"{tuple(frames.shape)} and {tuple(mask.shape)}")  # fmt: skip
+        if frames.shape[1] > c.max_positions:
+            raise UserInputError(f"{frames.shape[1]} source frames is more than the talker's {c.max_positions}")
+        x = self.source_in(frames.to(self.source_in.weight.dtype))
+        x = x + self.frame_pos(torch.arange(frames.shape[1], device=frames.device))
+        for block in self.source_encoder:
+            x = block(x, mask=mask)
+        return self.source_norm(x) * mask[..., None]
+
+    def prompt_vector(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """An enrolment clip's frames ``[B, T, M]`` -> one vector ``[B, D]`` (the mean of its encoded frames)."""
+        h = self.encode_source(frames, mask)
+        return self.prompt_proj(h.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(h.dtype))
+
+    def source_inputs(self, source: torch.Tensor, source_mask: torch.Tensor, task: torch.Tensor,
+                      prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Per-frame decoder inputs of a task on audio: encoded source + task (+ prompt vector)."""
+        x = self.encode_source(source, source_mask) + self.task(task)[:, None]
+        if prompt is not None:
+            if prompt_mask is None:
+                raise UserInputError("a prompt clip needs its mask")
+            x = x + self.prompt_vector(prompt, prompt_mask)[:, None]
+        return x
 
     # ------------------------------------------------------------------ frames
     def previous_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -313,9 +365,17 @@ class Talker(nn.Module):
         target_log_d = torch.log(durations.float().clamp(min=1))
         duration = ((log_d - target_log_d) ** 2 * phoneme_mask).sum() / phoneme_mask.sum().clamp(min=1)
 
-        x = self.frame_inputs(h, durations, codes.shape[-1], voice, task) + self.previous_codes(codes)
+        ce, accuracy = self.code_losses(self.frame_inputs(h, durations, codes.shape[-1], voice, task), codes, frame_mask)
+        total = ce + prior_weight * prior + duration_weight * duration
+        return TalkerLosses(total, ce, prior, duration, accuracy)
+
+    def code_losses(self, inputs: torch.Tensor, codes: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced code cross-entropy (mean over codebooks) and codebook-1 accuracy, from
+        per-frame decoder inputs ``[B, T, D]`` and the target ``codes [B, K, T]``."""
+        c = self.config
         if codes.shape[-1] > c.max_positions:
             raise UserInputError(f"{codes.shape[-1]} frames is more than the talker's {c.max_positions}")
+        x = inputs + self.previous_codes(codes)
         x = x + self.frame_pos(torch.arange(codes.shape[-1], device=x.device))
         for block in self.decoder:
             x = block(x, causal=True)
@@ -325,8 +385,20 @@ class Talker(nn.Module):
             F.cross_entropy(lg[frame_mask], codes[:, k][frame_mask]) for k, lg in enumerate(logits)
         ]).mean()  # fmt: skip
         accuracy = (logits[0].argmax(-1) == codes[:, 0])[frame_mask].float().mean()
-        total = ce + prior_weight * prior + duration_weight * duration
-        return TalkerLosses(total, ce, prior, duration, accuracy)
+        return ce, accuracy
+
+    def forward_source(
+        self, source: torch.Tensor, source_mask: torch.Tensor, codes: torch.Tensor, task: torch.Tensor,
+        prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+    ) -> TalkerLosses:  # fmt: skip
+        """Training losses of a task on audio: ``source [B, T, M]`` input frames (``source_mask``),
+        the target ``codes [B, K, T]`` of the same frames, ``task [B]``, optional enrolment clip."""
+        if codes.shape[1] != self.config.num_codebooks or codes.shape[-1] != source.shape[1]:
+            raise UserInputError(f"codes {tuple(codes.shape)} must be [B, {self.config.num_codebooks}, T] for source "
+                                 f"frames {tuple(source.shape)}")  # fmt: skip
+        ce, accuracy = self.code_losses(self.source_inputs(source, source_mask, task, prompt, prompt_mask), codes, source_mask)
+        zero = ce.new_zeros(())
+        return TalkerLosses(ce, ce, zero, zero, accuracy)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -372,6 +444,36 @@ class Talker(nn.Module):
         x_all = self.frame_inputs(
             h, durations, total, torch.tensor([voice], device=device), torch.tensor([task], device=device)
         )  # [1, T, D]
+        yield from self.decode_frames(x_all, temperature, top_k, generator)
+
+    @torch.no_grad()
+    def generate_from_source(
+        self, source: torch.Tensor, task: int, prompt: torch.Tensor | None = None, temperature: float = 0.0,
+        top_k: int = 0, generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:  # fmt: skip
+        """Codes for a task on audio, one frame per input frame: ``source [1, T, M]`` the input
+        clip's normalised mel frames, ``prompt [1, T', M]`` an enrolment clip's (or None); yields
+        ``[1, K, 1]`` per frame, as :meth:`generate`."""
+        c = self.config
+        if not 0 <= int(task) < c.num_tasks:
+            raise UserInputError(f"task must be in [0, {c.num_tasks}), got {task}")
+        if temperature < 0:
+            raise UserInputError(f"temperature must be >= 0, got {temperature}")
+        if source.dim() != 3 or source.shape[0] != 1 or source.shape[1] == 0:
+            raise UserInputError(f"source takes one clip shaped [1, T >= 1, M], got {tuple(source.shape)}")
+        device = source.device
+        mask = torch.ones(source.shape[:2], dtype=torch.bool, device=device)
+        prompt_mask = None if prompt is None else torch.ones(prompt.shape[:2], dtype=torch.bool, device=device)
+        x_all = self.source_inputs(source, mask, torch.tensor([task], device=device), prompt, prompt_mask)
+        yield from self.decode_frames(x_all, temperature, top_k, generator)
+
+    @torch.no_grad()
+    def decode_frames(
+        self, x_all: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None
+    ) -> Iterator[torch.Tensor]:
+        """The frame loop: per-frame inputs ``[1, T, D]`` -> codes, ``[1, K, 1]`` per frame (KV cache)."""
+        c = self.config
+        total, device = x_all.shape[1], x_all.device
         caches: list[list[torch.Tensor]] = [[] for _ in self.decoder]
         prev = torch.full((1, c.num_codebooks, 1), c.codebook_size, dtype=torch.long, device=device)
         for t in range(total):
@@ -407,16 +509,24 @@ def speak(
     """Generate codes and decode them while they come: ``on_audio(wav [1, 1, n])`` gets each
     piece of audio as soon as it is final (every ``chunk_frames`` frames). Returns the codes
     ``[1, K, T]`` and the whole waveform ``[1, 1, S]``."""
+    return stream_decode(talker.generate(phonemes, **options), codec, on_audio, chunk_frames)
+
+
+def stream_decode(
+    frames: Iterator[torch.Tensor], codec, on_audio: Callable[[torch.Tensor], None] | None = None, chunk_frames: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode codes ``[1, K, 1]`` as they come from ``frames`` through ``codec.stream()``, handing
+    each final piece to ``on_audio`` every ``chunk_frames`` frames; returns (codes, waveform)."""
     stream = codec.stream()
-    frames, pieces, pending = [], [], []
+    done, pieces, pending = [], [], []
 
     def emit(piece: torch.Tensor) -> None:
         pieces.append(piece)
         if on_audio is not None and piece.shape[-1]:
             on_audio(piece)
 
-    for frame in talker.generate(phonemes, **options):
-        frames.append(frame)
+    for frame in frames:
+        done.append(frame)
         pending.append(frame)
         if len(pending) == chunk_frames:
             emit(stream.push(torch.cat(pending, -1)))
@@ -424,4 +534,4 @@ def speak(
     if pending:
         emit(stream.push(torch.cat(pending, -1)))
     emit(stream.flush())
-    return torch.cat(frames, -1), torch.cat(pieces, -1)
+    return torch.cat(done, -1), torch.cat(pieces, -1)

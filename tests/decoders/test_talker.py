@@ -3,12 +3,14 @@ frame-by-frame generation restricted to each codebook, streaming through a codec
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from omnivox.decoders.codec import MelCodec, MelCodecConfig
 from omnivox.decoders.phonemes import PHONEME_ID, PHONEMES, phonemize
-from omnivox.decoders.talker import Talker, TalkerConfig, expand, monotonic_alignment, speak
+from omnivox.decoders.talker import Talker, TalkerConfig, expand, monotonic_alignment, speak, stream_decode
 from omnivox.errors import UserInputError
 
 TINY = TalkerConfig(
@@ -120,3 +122,67 @@ def test_generation_refuses_bad_requests() -> None:
         talker.plan(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(UserInputError, match="nothing speakable"):
         phonemize("... !")
+
+
+# ----------------------------------------------------------------------------- tasks on audio
+SOURCE = replace(TINY, source_mels=8, source_layers=1)
+
+
+def _codec():
+    return MelCodec(MelCodecConfig(n_mels=8, num_codebooks=3, codebook_size=16, dim=16, intermediate_dim=32,
+                                   num_layers=2, kernel_size=3)).eval()  # fmt: skip
+
+
+def test_a_talker_learns_to_clean_a_clip_by_heart_and_generates_its_codes_from_the_noisy_one() -> None:
+    """Noise suppression in miniature: the input is a clip's frames plus noise, the target the
+    codes of the clean frames; after training, greedy generation from the noisy frames gives
+    exactly the clean clip's codes, and the same code path decodes them."""
+    torch.manual_seed(0)
+    codec = _codec()
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randn(2, 20, 8, generator=g)
+    noisy = clean + 0.5 * torch.randn(2, 20, 8, generator=g)
+    codes = codec.quantize(clean)  # [2, 3, 20]
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    talker = Talker(SOURCE)
+    opt = torch.optim.Adam(talker.parameters(), lr=3e-3)
+    for _ in range(200):
+        losses = talker.forward_source(noisy, mask, codes, torch.tensor([1, 1]))
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+    assert losses.accuracy.item() == 1.0
+    talker.eval()
+    made = torch.cat(list(talker.generate_from_source(noisy[:1], task=1)), -1)
+    assert torch.equal(made, codes[:1])
+    heard: list[torch.Tensor] = []
+    spoken, wav = stream_decode(talker.generate_from_source(noisy[1:], task=1), codec, heard.append, chunk_frames=4)
+    assert torch.equal(spoken, codes[1:]) and len(heard) > 3
+    torch.testing.assert_close(wav, codec.decode(codes[1:]), atol=1e-5 * float(wav.abs().max()), rtol=0)
+
+
+def test_an_enrolment_clip_steers_the_output_and_bad_sources_are_refused() -> None:
+    torch.manual_seed(0)
+    talker = Talker(SOURCE).eval()
+    source = torch.randn(1, 10, 8)
+    with torch.no_grad():
+        mask = torch.ones(1, 10, dtype=torch.bool)
+        plain = talker.source_inputs(source, mask, torch.tensor([1]))
+        a = talker.source_inputs(source, mask, torch.tensor([1]), torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.bool))
+        b = talker.source_inputs(source, mask, torch.tensor([1]), torch.randn(1, 7, 8), torch.ones(1, 7, dtype=torch.bool))
+    assert not torch.allclose(a, plain) and not torch.allclose(a, b)
+    # padding in the enrolment clip does not change its vector
+    clip = torch.randn(1, 5, 8)
+    padded = torch.cat([clip, torch.randn(1, 3, 8)], 1)
+    with torch.no_grad():
+        v1 = talker.prompt_vector(clip, torch.ones(1, 5, dtype=torch.bool))
+        v2 = talker.prompt_vector(padded, torch.tensor([[True] * 5 + [False] * 3]))
+    torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserInputError, match=r"source frames must be \[B, T, 8\]"):
+        talker.encode_source(torch.randn(1, 10, 5), torch.ones(1, 10, dtype=torch.bool))
+    with pytest.raises(UserInputError, match="task must be in"):
+        next(talker.generate_from_source(source, task=99))
+    with pytest.raises(UserInputError, match="source_mels is 0"):
+        Talker(TINY).encode_source(source, torch.ones(1, 10, dtype=torch.bool))
+    with pytest.raises(UserInputError, match=r"codes .* must be \[B, 3, T\]"):
+        talker.forward_source(source, torch.ones(1, 10, dtype=torch.bool), torch.zeros(1, 3, 9, dtype=torch.long), torch.tensor([0]))
