@@ -145,7 +145,8 @@ def speak_to_file(head, text: str, out: Path, voice: str | None = None, **option
 
 def _report_audio(spoken, out: Path) -> None:
     first = f", first audio after {1000 * spoken.first_audio_s:.0f} ms" if spoken.first_audio_s is not None else ""
-    print(f"wrote {out} ({spoken.seconds:.2f} s of audio, voice {spoken.voice}{first})", file=sys.stderr)
+    voice = f", voice {spoken.voice}" if spoken.voice else ""
+    print(f"wrote {out} ({spoken.seconds:.2f} s of audio{voice}{first})", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -203,25 +204,45 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"omnivox: error: {err}", file=sys.stderr)
 
 
-GENERATE_TASKS = ("tts",)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
+    from omnivox.agent.audio import load_audio
+    from omnivox.decoders.speech import NEEDS_PROMPT, TASKS
+
     out = _audio_out_path(args.out)
     text = " ".join(args.text).strip()
     if args.task == "tts" and not text:
         raise UserInputError("--task tts needs the text to speak")
+    if args.task != "tts" and (text or not args.audio):
+        raise UserInputError(f"--task {args.task} ({TASKS[args.task]}) takes an input clip (--audio FILE), not text")
+    if args.task in NEEDS_PROMPT and not args.prompt_audio:
+        raise UserInputError(f"--task {args.task} needs --prompt-audio FILE: a clip of the voice to keep")
     if args.plot is not None and Path(args.plot).suffix.lower() != ".png":
         raise UserInputError(f"--plot {args.plot}: give a path ending in .png")
+    source = load_audio(args.audio) if args.audio else None
+    prompt = load_audio(args.prompt_audio) if args.prompt_audio else None
     head = load_speech_for_cli(args)
-    options = {"speed": args.speed, "temperature": args.temperature, "seed": args.seed}
-    spoken = speak_to_file(head, text, out, args.voice, **options)
-    print(text, flush=True)
-    _report_audio(spoken, out)
+    options = {"temperature": args.temperature, "seed": args.seed}
+    if args.task == "tts":
+        result = speak_to_file(head, text, out, args.voice, speed=args.speed, **options)
+        print(text, flush=True)
+    else:
+        from omnivox.agent.workspace import WavWriter
+
+        if args.task not in head.tasks:  # before the file is made
+            raise UserInputError(f"this model's talker was not trained for {args.task}; it does {sorted(head.tasks)}")
+        try:
+            with WavWriter(out, head.sample_rate) as writer:
+                result = head.transform(source.samples, args.task, None if prompt is None else prompt.samples,
+                                        on_audio=writer.write, **options)  # fmt: skip
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+    _report_audio(result, out)
     if args.plot:
         from omnivox.evaluation.report import plot_spectrograms
 
-        column = [(f"{args.task}: {spoken.voice}", spoken.waveform, spoken.sample_rate)]
+        column = [] if source is None else [(f"input {Path(args.audio).name}", source.samples, 16_000)]
+        column.append((f"{args.task}: {result.voice or 'output'}", result.waveform, result.sample_rate))
         print(f"wrote {plot_spectrograms([column], Path(args.plot))}", file=sys.stderr)
     return 0
 
@@ -352,17 +373,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.add_argument("prompt", nargs="*", help="the question; omit for an interactive chat")
     chat.set_defaults(func=cmd_chat)
 
-    gen = sub.add_parser("generate", help="make audio by task: tts (text to speech)")
+    gen = sub.add_parser("generate", help="make audio by task: tts (text to speech), ns, sr, dereverb, tse (from a clip)")
     gen.add_argument("--model", help="omnivox model folder with a talker/ (default: the bundled nano model)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     gen.add_argument("--dtype", default="float32", choices=DTYPES, help="the talker's dtype (the codec decodes in float32)")
-    gen.add_argument("--task", required=True, choices=GENERATE_TASKS, help="tts: speak the text")
+    gen.add_argument("--task", required=True, choices=("tts", "ns", "sr", "dereverb", "tse"),
+                     help="tts: speak the text; ns: remove the noise, sr: remove the speech, dereverb: remove the room, "
+                          "tse: keep the voice of --prompt-audio (from --audio; what the model's talker was trained for)")  # fmt: skip
+    gen.add_argument("--audio", default=None, metavar="FILE", help="the input clip (ns, sr, dereverb, tse)")
+    gen.add_argument("--prompt-audio", default=None, metavar="FILE", help="a clip of the voice to keep (tse)")
     gen.add_argument("--out", required=True, metavar="FILE.wav", help="where the audio is written (WAV)")
     gen.add_argument("--voice", default=None, help="voice name (default: the model's; see its talker/talker.json)")
     gen.add_argument("--speed", type=float, default=1.0, help="pace, 0.25-4 (default 1: the voice's own)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: the likeliest codes (default); above: sample")
     gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the audio's spectrogram here")
+    gen.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the spectrograms (input above output) here")
     gen.add_argument("text", nargs="*", help="the text (tts)")
     gen.set_defaults(func=cmd_generate)
 

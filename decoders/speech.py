@@ -22,13 +22,22 @@ import torch
 
 from omnivox.decoders.codec import Codec, load_codec
 from omnivox.decoders.phonemes import PHONEMES, phonemize
-from omnivox.decoders.talker import Talker, TalkerConfig, speak
+from omnivox.decoders.talker import Talker, TalkerConfig, speak, stream_decode
 from omnivox.errors import CheckpointError, UserInputError
 
 TALKER_DIR = "talker"
 TALKER_CONFIG = "talker.json"
 TALKER_WEIGHTS = "talker.safetensors"
 MAX_SECONDS = 60.0  # longest answer spoken in one go
+# What a talker can be trained to do; talker.json's "tasks" maps the ones it was trained for to its task rows.
+TASKS = {
+    "tts": "text to speech",
+    "ns": "noise suppression (the speech, without the noise)",
+    "sr": "speech removal (the background, without the speech)",
+    "dereverb": "dereverberation",
+    "tse": "target speaker extraction (the voice of an enrolment clip, from a mixture)",
+}
+NEEDS_PROMPT = frozenset({"tse"})
 
 
 @dataclass
@@ -60,7 +69,7 @@ class SpokenAudio:
 
 
 def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path, default_voice: str | None = None,
-                dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+                dtype: torch.dtype | None = None, tasks: dict[str, int] | None = None) -> Path:  # fmt: skip
     """Write ``talker.json`` + ``talker.safetensors`` into ``folder`` (the weights in ``dtype``, e.g.
     bfloat16 to halve the file; they load into a float32 talker unchanged otherwise)."""
     from dataclasses import asdict
@@ -74,7 +83,7 @@ def save_talker(talker: Talker, voices: list[str], codec_name: str, folder: Path
     state = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in talker.state_dict().items()}
     save_file(state, str(folder / TALKER_WEIGHTS))
     data = {"config": asdict(talker.config), "voices": list(voices), "default_voice": default_voice or voices[0],
-            "codec": codec_name, "phonemes": list(PHONEMES)}  # fmt: skip
+            "codec": codec_name, "phonemes": list(PHONEMES), "tasks": dict(tasks or {"tts": 0})}  # fmt: skip
     (folder / TALKER_CONFIG).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return folder
 
@@ -98,6 +107,12 @@ def read_talker_json(folder: Path) -> dict[str, Any]:
     default = data.get("default_voice", voices[0])
     if default not in voices:
         raise CheckpointError(f"{path}: default_voice {default!r} is not among voices {voices}")
+    tasks = data.setdefault("tasks", {"tts": 0})  # folders written before tasks on audio: text to speech only
+    if not isinstance(tasks, dict) or not tasks or not all(isinstance(v, int) and v >= 0 for v in tasks.values()):
+        raise CheckpointError(f"{path}: tasks must map task names to task rows, got {tasks!r}")
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise CheckpointError(f"{path}: unknown tasks {unknown}; known: {sorted(TASKS)}")
     return data
 
 
@@ -113,6 +128,9 @@ def load_talker(folder: str | Path, device: str | torch.device = "cpu") -> tuple
     config = TalkerConfig.from_dict(data["config"])
     if config.num_voices < len(data["voices"]):
         raise CheckpointError(f"{folder / TALKER_CONFIG}: {len(data['voices'])} voices but a table of {config.num_voices}")
+    if max(data["tasks"].values()) >= config.num_tasks or (set(data["tasks"]) - {"tts"} and not config.source_mels):
+        raise CheckpointError(f"{folder / TALKER_CONFIG}: tasks {data['tasks']} do not fit a talker with {config.num_tasks} "
+                              f"task rows and source_mels {config.source_mels}")  # fmt: skip
     talker = Talker(config)
     try:
         state = load_file(str(folder / TALKER_WEIGHTS))
@@ -135,7 +153,8 @@ class SpeechHead:
         default_voice: the voice used when none is asked for.
     """
 
-    def __init__(self, talker: Talker, codec: Codec, voices: list[str], default_voice: str | None = None) -> None:
+    def __init__(self, talker: Talker, codec: Codec, voices: list[str], default_voice: str | None = None,
+                 tasks: dict[str, int] | None = None) -> None:  # fmt: skip
         c = talker.config
         if (c.num_codebooks, c.codebook_size) != (codec.num_codebooks, codec.codebook_size):
             raise CheckpointError(f"the talker emits {c.num_codebooks} x {c.codebook_size} codes but the codec takes "
@@ -143,6 +162,9 @@ class SpeechHead:
         self.talker, self.codec = talker, codec
         self.voices = list(voices)
         self.default_voice = default_voice or self.voices[0]
+        self.tasks = dict(tasks or {"tts": 0})
+        if set(self.tasks) - {"tts"} and not hasattr(codec, "log_mel"):
+            raise CheckpointError("tasks on audio read the input through the codec's mel analysis; this codec has none")
         if self.default_voice not in self.voices:
             raise CheckpointError(f"default voice {self.default_voice!r} is not among the voices {self.voices}")
         phonemize("Ready.")  # builds the G2P now (about a second), not in the first request
@@ -162,7 +184,7 @@ class SpeechHead:
         codec = load_codec(codec_dir)
         if isinstance(codec, torch.nn.Module):
             codec = codec.to(device)
-        return cls(talker, codec, data["voices"], data.get("default_voice"))
+        return cls(talker, codec, data["voices"], data.get("default_voice"), data["tasks"])
 
     @staticmethod
     def present(folder: str | Path) -> bool:
@@ -192,7 +214,7 @@ class SpeechHead:
         seed: int | None = None, on_audio: Callable[[np.ndarray], None] | None = None, chunk_frames: int = 5,
         max_seconds: float = MAX_SECONDS,
     ) -> SpokenAudio:  # fmt: skip
-        """Speak ``text``.
+        """Speak ``text`` (text to speech; the talker's task row ``tts``).
 
         Args:
             voice: one of :attr:`voices` (or the part after ``engine:``); None: the default voice.
@@ -223,12 +245,65 @@ class SpeechHead:
             if on_audio is not None:
                 on_audio(wav.reshape(-1).float().cpu().numpy())
 
+        if "tts" not in self.tasks:
+            raise UserInputError(f"this talker was not trained for text to speech; it does {sorted(self.tasks)}")
         codes, wav = speak(
             self.talker, self.codec, torch.tensor([ph.ids], device=device), piece, chunk_frames,
-            voice=vid, speed=speed, temperature=temperature, top_k=top_k,
+            voice=vid, task=self.tasks["tts"], speed=speed, temperature=temperature, top_k=top_k,
             max_frames=int(max_seconds * self.codec.frame_rate), generator=generator,
         )  # fmt: skip
         samples = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
         return SpokenAudio(samples, self.sample_rate, text, self.voices[vid], codes[0].cpu(),
                            first[0] if first else None, time.perf_counter() - started,
                            {"phonemes": ph.text, "frames": int(codes.shape[-1])})  # fmt: skip
+
+    def source_frames(self, samples: np.ndarray, sample_rate: int = 16_000) -> torch.Tensor:
+        """A mono clip -> the codec's normalised mel frames ``[1, T, M]`` (what tasks on audio read)."""
+        import soxr
+
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if x.size == 0 or not np.all(np.isfinite(x)):
+            raise UserInputError(f"the input clip must be non-empty and finite, got {x.size} samples")
+        if sample_rate != self.codec.sample_rate:
+            x = soxr.resample(x, sample_rate, self.codec.sample_rate).astype(np.float32)
+        device = next(self.talker.parameters()).device
+        wav = torch.from_numpy(x)[None].to(device)
+        return self.codec.normalize(self.codec.log_mel(wav)).to(next(self.talker.parameters()).dtype)
+
+    @torch.no_grad()
+    def transform(
+        self, samples: np.ndarray, task: str, prompt: np.ndarray | None = None, *, sample_rate: int = 16_000,
+        temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
+        on_audio: Callable[[np.ndarray], None] | None = None, chunk_frames: int = 5, max_seconds: float = 600.0,
+    ) -> SpokenAudio:  # fmt: skip
+        """A task on audio (``ns``, ``sr``, ``dereverb``, ``tse``): the input clip in, codes out one
+        frame per input frame, decoded while they come. ``prompt``: the enrolment clip ``tse`` needs."""
+        if task not in TASKS or task == "tts":
+            raise UserInputError(f"unknown task on audio {task!r}; known: {sorted(set(TASKS) - {'tts'})}")
+        if task not in self.tasks:
+            raise UserInputError(f"this model's talker was not trained for {task} ({TASKS[task]}); it does {sorted(self.tasks)}")
+        if task in NEEDS_PROMPT and prompt is None:
+            raise UserInputError(f"{task} needs an enrolment clip of the voice to keep (prompt)")
+        if np.asarray(samples).size > max_seconds * sample_rate:
+            raise UserInputError(f"the input clip is {np.asarray(samples).size / sample_rate:.1f} s, over {max_seconds:.0f} s")
+        started = time.perf_counter()
+        source = self.source_frames(samples, sample_rate)
+        enrol = None if prompt is None else self.source_frames(prompt, sample_rate)
+        device = source.device
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(int(seed) % 2**63)
+        first: list[float] = []
+
+        def piece(wav: torch.Tensor) -> None:
+            if not first:
+                first.append(time.perf_counter() - started)
+            if on_audio is not None:
+                on_audio(wav.reshape(-1).float().cpu().numpy())
+
+        frames = self.talker.generate_from_source(source, self.tasks[task], enrol, temperature, top_k, generator)
+        codes, wav = stream_decode(frames, self.codec, piece, chunk_frames)
+        out = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
+        return SpokenAudio(out, self.sample_rate, "", "", codes[0].cpu(), first[0] if first else None,
+                           time.perf_counter() - started, {"task": task, "frames": int(codes.shape[-1])})  # fmt: skip

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -241,9 +241,10 @@ def make_model_folder(
 TINY_VOICES = ("kokoro:jf_tiny", "piper:joe")
 
 
-def add_speech_head(folder: Path, seed: int = 0, voices: tuple[str, ...] = TINY_VOICES) -> Path:
+def add_speech_head(folder: Path, seed: int = 0, voices: tuple[str, ...] = TINY_VOICES, tasks: dict[str, int] | None = None) -> Path:
     """Give a model folder a tiny random speech head: ``codec/`` (a nano-format MelCodec) and
-    ``talker/`` (a talker emitting its codes); returns ``folder``."""
+    ``talker/`` (a talker emitting its codes; with ``tasks`` beyond tts, one that also reads
+    input clips); returns ``folder``."""
     from omnivox.decoders.codec import MelCodec, MelCodecConfig, save_mel_codec
     from omnivox.decoders.phonemes import PHONEMES
     from omnivox.decoders.speech import save_talker
@@ -255,8 +256,11 @@ def add_speech_head(folder: Path, seed: int = 0, voices: tuple[str, ...] = TINY_
     save_mel_codec(codec, folder / "codec")
     config = TalkerConfig(num_phonemes=len(PHONEMES), num_codebooks=3, codebook_size=16, n_mels=8, dim=32, heads=4, ffn=64,
                           encoder_layers=1, decoder_layers=2, dropout=0.0, num_voices=len(voices), num_tasks=2,
-                          max_phoneme_frames=6, max_positions=512)  # fmt: skip
-    save_talker(Talker(config).eval(), list(voices), "codec", folder / "talker", default_voice=voices[0])
+                          max_phoneme_frames=6, max_positions=512, source_mels=8 if tasks else 0, source_layers=1,
+                          )  # fmt: skip
+    if tasks:
+        config = replace(config, num_tasks=max(tasks.values()) + 1)
+    save_talker(Talker(config).eval(), list(voices), "codec", folder / "talker", default_voice=voices[0], tasks=tasks)
     return folder
 
 

@@ -250,3 +250,29 @@ def test_audio_out_errors_are_one_line(tiny_model_dir, tmp_path):
         result = _run_cli(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
     assert not (tmp_path / "a.wav").exists()
+
+
+def test_generate_a_task_on_audio_writes_the_output_and_plots_input_above_it(tiny_model_dir, tmp_path, capsys):
+    from omnivox.agent.audio import load_audio
+    from omnivox.decoders.speech import SpeechHead
+
+    folder = tiny.add_speech_head(tiny.greedy_copy(tiny_model_dir, tmp_path, name="cleans"), tasks={"tts": 0, "ns": 1})
+    noisy, out, plot = _wav(tmp_path, seconds=1.0, name="noisy.wav"), tmp_path / "clean.wav", tmp_path / "ns.png"
+    rc = cli.main(["generate", "--model", str(folder), "--task", "ns", "--audio", str(noisy), "--out", str(out), "--plot", str(plot)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    expected = SpeechHead.from_folder(folder).transform(load_audio(noisy).samples, "ns")
+    audio, rate = sf.read(out, dtype="float32")
+    assert rate == 16_000 and audio.shape == expected.waveform.shape and f"wrote {out}" in captured.err
+    np.testing.assert_allclose(audio, expected.waveform, atol=1.5 / 32768)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    cases = [
+        (("--task", "dereverb", "--audio", str(noisy)), "not trained for dereverb"),
+        (("--task", "ns"), "takes an input clip (--audio FILE)"),
+        (("--task", "ns", "--audio", str(noisy), "some text"), "not text"),
+        (("--task", "tse", "--audio", str(noisy)), "needs --prompt-audio"),
+    ]
+    for extra, message in cases:
+        result = _run_cli("generate", "--model", str(folder), "--out", str(tmp_path / "b.wav"), *extra)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (extra, result.stderr)
+    assert not (tmp_path / "b.wav").exists()

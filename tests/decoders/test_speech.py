@@ -80,8 +80,39 @@ def _broken(src, tmp_path, edit):
         (lambda f, d: d["config"].update(codebook_size=32), "does not fit|emits 3 x 32 codes"),
         (lambda f, d: (f / "talker" / "talker.safetensors").write_bytes(b"junk"), "cannot read .*talker.safetensors"),
         (lambda f, d: d["config"].update(bogus=1), "unknown keys \\['bogus'\\]"),
+        (lambda f, d: d.update(tasks={"tts": 0, "ns": 1}), "do not fit a talker with 2 task rows and source_mels 0"),
+        (lambda f, d: d.update(tasks={"tts": 0, "karaoke": 1}), "unknown tasks \\['karaoke'\\]"),
+        (lambda f, d: d.update(tasks=[]), "tasks must map task names"),
     ],
 )
 def test_broken_talker_folders_are_refused_with_the_file_and_the_fault(speech_dir, tmp_path, edit, message) -> None:
     with pytest.raises(CheckpointError, match=message):
         SpeechHead.from_folder(_broken(speech_dir, tmp_path, edit))
+
+
+def test_tasks_on_audio_make_one_frame_per_input_frame_and_refuse_what_the_talker_was_not_trained_for(tmp_path) -> None:
+    folder = tiny.add_speech_head(tmp_path / "audio", tasks={"tts": 0, "ns": 1, "tse": 2})
+    head = SpeechHead.from_folder(folder)
+    assert head.tasks == {"tts": 0, "ns": 1, "tse": 2}
+    noisy = tiny.tone_clip(1.0, 330.0, seed=1, sample_rate=22_050)
+    pieces: list[np.ndarray] = []
+    out = head.transform(noisy, "ns", sample_rate=22_050, on_audio=pieces.append)
+    frames = head.source_frames(noisy, 22_050).shape[1]
+    assert out.codes.shape == (3, frames) and out.waveform.size == frames * 320 and out.details["task"] == "ns"
+    np.testing.assert_allclose(np.clip(np.concatenate(pieces), -1, 1), out.waveform, atol=1e-6)
+    again = head.transform(noisy, "ns", sample_rate=22_050)
+    assert torch.equal(again.codes, out.codes)  # greedy: the same codes every time
+    enrol = tiny.tone_clip(0.6, 220.0, seed=2)
+    assert head.transform(noisy[:16_000], "tse", enrol).codes.shape[0] == 3
+    with pytest.raises(UserInputError, match="needs an enrolment clip"):
+        head.transform(noisy, "tse")
+    with pytest.raises(UserInputError, match="not trained for dereverb"):
+        head.transform(noisy, "dereverb")
+    with pytest.raises(UserInputError, match="unknown task on audio 'karaoke'"):
+        head.transform(noisy, "karaoke")
+    with pytest.raises(UserInputError, match="non-empty and finite"):
+        head.transform(np.full(100, np.nan, np.float32), "ns")
+    tts_only = SpeechHead.from_folder(tiny.add_speech_head(tmp_path / "plain"))
+    assert tts_only.tasks == {"tts": 0}
+    with pytest.raises(UserInputError, match="not trained for ns"):
+        tts_only.transform(noisy, "ns")
