@@ -329,6 +329,10 @@ class TalkerSection:
         prior_weight / duration_weight: weights of the alignment prior and duration losses.
         default_voice: the voice the model speaks with when none is asked for (empty: the
             first of the sorted voice names).
+        tasks: the share of steps each task gets (``tts``; tasks on audio ``ns``, ``sr``,
+            ``dereverb``, ``tse``, made from the clean clips, ``training/speech_tasks.py``).
+        init_from: a talker folder whose weights start a fresh run where they fit (e.g. a
+            text-to-speech talker growing tasks on audio).
     """
 
     codec: str = ""
@@ -337,8 +341,17 @@ class TalkerSection:
     prior_weight: float = 1.0
     duration_weight: float = 1.0
     default_voice: str = ""
+    tasks: dict[str, float] = field(default_factory=lambda: {"tts": 1.0})
+    init_from: str = ""
 
     def __post_init__(self) -> None:
+        from omnivox.training.speech_tasks import TASK_ROWS
+
+        unknown = sorted(set(self.tasks) - set(TASK_ROWS))
+        if unknown:
+            raise ConfigError(f"talker.tasks: unknown task(s) {unknown}; known: {sorted(TASK_ROWS)}")
+        if not self.tasks or any(not isinstance(v, int | float) or v < 0 for v in self.tasks.values()) or not sum(self.tasks.values()) > 0:
+            raise ConfigError(f"talker.tasks: shares must be numbers >= 0, not all 0, got {self.tasks}")
         if not self.codec:
             raise ConfigError("talker.codec: the codec folder is required")
         derived = sorted(set(self.model) & {"num_phonemes", "num_codebooks", "codebook_size", "n_mels", "num_voices"})

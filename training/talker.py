@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from omnivox.training.sound_encoder import (
     make_optimizer,
     read_audio,
 )
+from omnivox.training.speech_tasks import TASK_ROWS, collate_audio, make_item, pick_task
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class Pair:
     codes: torch.Tensor  # [K, T] int16
     frames: torch.Tensor  # [T, M] float16, the codec's normalised mel
     voice: str
+    path: str = ""  # the clip (tasks on audio mix it anew each step)
 
 
 def clean_speech_items(data_dir: Path, split: str) -> list[dict[str, Any]]:
@@ -94,7 +97,8 @@ def encode_pairs(codec: MelCodec, data_dir: Path, items: list[dict[str, Any]], p
         codes = codec.quantize(z)[0]  # [K, T]
         if codes.shape[-1] < len(ids):
             continue  # faster than one frame per phoneme: cannot be aligned
-        pairs.append(Pair(torch.tensor(ids), codes.to(torch.int16), z[0].half(), str(meta["voice"]["voice"])))
+        pairs.append(Pair(torch.tensor(ids), codes.to(torch.int16), z[0].half(), str(meta["voice"]["voice"]),
+                          str(data_dir / item["audio"])))  # fmt: skip
     return pairs
 
 
@@ -161,20 +165,69 @@ def export_state(state_path: Path, folder: Path, codec_name: str = "codec", defa
 
 
 @torch.no_grad()
-def validate(talker: Talker, pairs: list[Pair], voices: dict[str, int], max_frames: int) -> dict[str, float]:
+def validate(
+    talker: Talker, pairs: list[Pair], voices: dict[str, int], max_frames: int, codec: MelCodec | None = None,
+    audio_tasks: list[str] | tuple[str, ...] = (), seed: int = 0, pool: list[Pair] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Mean losses over ``pairs`` (text to speech), and each task on audio's code loss and accuracy
+    (``<task>_codes``, ``<task>_accuracy``) on items mixed from the same pairs with fixed streams
+    (``pool``: where ``tse`` finds other voices and enrolment clips, e.g. the training pairs)."""
     talker.eval()
-    sums: dict[str, float] = {}
+    sums: dict[str, dict[str, float]] = {}  # task ("" for text to speech) -> loss name -> sum over batches
     batches = 0
     for start in range(0, len(pairs), 8):
-        chunk = [p for p in pairs[start : start + 8] if p.codes.shape[-1] <= max_frames]
+        chunk = [i for i in range(start, min(start + 8, len(pairs))) if pairs[i].codes.shape[-1] <= max_frames]
         if not chunk:
             continue
-        losses = talker(**collate(chunk, voices))
-        for name in ("total", "codes", "prior", "duration", "accuracy"):
-            sums[name] = sums.get(name, 0.0) + getattr(losses, name).item()
+        rows = {"": talker(**collate([pairs[i] for i in chunk], voices))}
+        for task in audio_tasks:
+            rows[task] = talker.forward_source(**audio_batch(task, codec, pairs, chunk, [seed, 10**9, start], pool))
+        for task, losses in rows.items():
+            names = ("total", "codes", "prior", "duration", "accuracy") if not task else ("codes", "accuracy")
+            for name in names:
+                sums.setdefault(task, {})[name] = sums.get(task, {}).get(name, 0.0) + getattr(losses, name).item()
         batches += 1
     talker.train()
-    return {k: v / max(1, batches) for k, v in sums.items()}
+    return {(f"{task}_{name}" if task else name): value / max(1, batches)
+            for task, named in sums.items() for name, value in named.items()}  # fmt: skip
+
+
+def audio_batch(task: str, codec: MelCodec, pairs: list[Pair], chosen: list[int], seed_words: list[int],
+                pool: list[Pair] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A batch of ``task`` (``training/speech_tasks.py``) made from the clean clips ``chosen`` of
+    ``pairs``; each item from ``default_rng([*seed_words, 2, i])``. ``tse`` draws the interfering
+    voice and the enrolment clip from ``pool`` (default ``pairs``)."""
+    pool = pairs if pool is None else pool
+    items = []
+    for n, i in enumerate(chosen):
+        rng = np.random.default_rng([*seed_words, 2, n])
+        other = enrol = None
+        if task == "tse":
+            me = pairs[i]
+            others = [j for j, p in enumerate(pool) if p.voice != me.voice]
+            same = [j for j, p in enumerate(pool) if p.voice == me.voice and p.path != me.path]
+            if not others or not same:
+                raise UserInputError(f"tse needs another voice and another clip of {me.voice!r} among the pairs")
+            other = read_audio(Path(pool[others[int(rng.integers(len(others)))]].path))
+            enrol = read_audio(Path(pool[same[int(rng.integers(len(same)))]].path))
+        items.append(make_item(task, codec, read_audio(Path(pairs[i].path)), rng, other, enrol))
+    return collate_audio(items, TASK_ROWS[task])
+
+
+def start_from(talker: Talker, folder: Path) -> None:
+    """Copy the weights of the talker in ``folder`` (``talker.json`` + ``talker.safetensors``) whose
+    names and shapes match; the rest (e.g. the audio encoder a text-to-speech talker lacks) keep
+    their fresh values. Logs what was taken."""
+    from omnivox.decoders.speech import load_talker
+
+    source, _ = load_talker(folder)
+    mine = talker.state_dict()
+    taken = {k: v for k, v in source.state_dict().items() if k in mine and mine[k].shape == v.shape}
+    if not taken:
+        raise ConfigError(f"talker.init_from {folder}: no weight fits this talker")
+    mine.update({k: v.to(mine[k].dtype) for k, v in taken.items()})
+    talker.load_state_dict(mine)
+    logger.info("talker: %d of %d tensors from %s; %d fresh", len(taken), len(mine), folder, len(mine) - len(taken))
 
 
 def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> PartResult:
@@ -205,18 +258,28 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     voice_ids = {v: i for i, v in enumerate(voices)}
     if section.default_voice and section.default_voice not in voice_ids:
         raise ConfigError(f"talker.default_voice {section.default_voice!r} is not among the data's voices {voices}")
+    audio_tasks = [t for t in sorted(section.tasks) if t != "tts"]
+    if audio_tasks and not all(p.path for p in train_pairs):
+        raise UserInputError(f"{pairs_path} was made before tasks on audio (it has no clip paths): delete it to re-encode")
+    if "tse" in audio_tasks and (len({p.voice for p in train_pairs}) < 2 or max(Counter(p.voice for p in train_pairs).values()) < 2):
+        raise ConfigError("talker.tasks.tse needs at least two voices and two clips of a voice in the data")
     if state:
         cfg = TalkerConfig.from_dict(state["talker_cfg"])
     else:
         try:
             cfg = TalkerConfig.from_dict({
                 "num_phonemes": len(PHONEMES), "num_codebooks": codec.num_codebooks, "codebook_size": codec.codebook_size,
-                "n_mels": codec.config.n_mels, "num_voices": max(1, len(voices)), **section.model,
+                "n_mels": codec.config.n_mels, "num_voices": max(1, len(voices)),
+                **({"source_mels": codec.config.n_mels} if audio_tasks else {}), **section.model,
             })  # fmt: skip
+            if max(TASK_ROWS[t] for t in section.tasks) >= cfg.num_tasks:
+                raise CheckpointError(f"num_tasks {cfg.num_tasks} has no row for every task of {sorted(section.tasks)}")
         except (CheckpointError, TypeError) as err:
             raise ConfigError(f"talker.model: {err}") from None
     torch.manual_seed(config.seed)
     talker = Talker(cfg).train()
+    if section.init_from and not state:
+        start_from(talker, Path(section.init_from))
     optimizer = make_optimizer([talker], optim.lr, optim.weight_decay, optim.betas)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.warmup_steps, optim.max_steps, optim.min_lr_ratio))
     history: list[dict[str, Any]] = []
@@ -247,8 +310,12 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         while step < target:
             started = time.perf_counter()
             chosen = plan_batch(train_pairs, order, step, config.seed, section.batch_frames)
-            losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids),
-                            prior_weight=section.prior_weight, duration_weight=section.duration_weight)  # fmt: skip
+            task = pick_task(section.tasks, config.seed, step)
+            if task == "tts":
+                losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids),
+                                prior_weight=section.prior_weight, duration_weight=section.duration_weight)  # fmt: skip
+            else:
+                losses = talker.forward_source(**audio_batch(task, codec, train_pairs, chosen, [config.seed, step]))
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             if optim.max_grad_norm > 0:
@@ -258,6 +325,7 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
             step += 1
             wall += time.perf_counter() - started
             row = {"kind": "train", "step": step, "utterances": len(chosen), "lr": scheduler.get_last_lr()[0],
+                   **({"task": task} if len(section.tasks) > 1 else {}),
                    **{k: getattr(losses, k).item() for k in ("total", "codes", "prior", "duration", "accuracy")}}  # fmt: skip
             history.append(row)
             bar.update(1)
@@ -265,7 +333,8 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
             if step % config.log_every == 0:
                 logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
             if config.eval_every and step % config.eval_every == 0 and step < optim.max_steps:
-                history.append({"kind": "val", "step": step, **validate(talker, val_pairs, voice_ids, section.batch_frames)})
+                history.append({"kind": "val", "step": step, **validate(talker, val_pairs, voice_ids, section.batch_frames,
+                                                                        codec, audio_tasks, config.seed, train_pairs)})  # fmt: skip
                 logger.info("step %d validation: %s", step, history[-1])
             over_time = config.time_limit_minutes and time.monotonic() - start_time > 60 * config.time_limit_minutes
             if (config.save_every and step % config.save_every == 0) or step == target or over_time:
@@ -281,8 +350,9 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
     finished = step >= optim.max_steps
     metrics: dict[str, Any] = {}
     if finished:
-        metrics = validate(talker, val_pairs, voice_ids, section.batch_frames)
-        save_talker(talker.eval(), voices, Path(section.codec).name, out / FINAL_DIR, section.default_voice or None)
+        metrics = validate(talker, val_pairs, voice_ids, section.batch_frames, codec, audio_tasks, config.seed, train_pairs)
+        save_talker(talker.eval(), voices, Path(section.codec).name, out / FINAL_DIR, section.default_voice or None,
+                    tasks={t: TASK_ROWS[t] for t in section.tasks})  # fmt: skip
         metrics.update(step=step, wall_seconds=wall, voices=len(voices), train_utterances=len(train_pairs))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (out / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,66 @@ def test_stopped_run_resumes_to_the_uninterrupted_result(setup, tmp_path: Path) 
     ],
 )
 def test_bad_recipe_fields_are_named(setup, tmp_path: Path, overrides: list[str], message: str) -> None:
+    data, codec = setup
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(_recipe(tmp_path, data, codec, tmp_path / "run"), overrides)
+
+
+def test_tasks_on_audio_train_beside_tts_resume_exactly_and_the_talker_cleans_clips(setup, tmp_path: Path) -> None:
+    data, codec = setup
+    extra = ["--set", "talker.tasks={tts = 1.0, ns = 1.0, tse = 1.0, dereverb = 0.5}", "--set", "eval_every=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(["train", str(_recipe(tmp_path, data, codec, straight)), "--no-progress", *extra]) == 0
+    recipe = str(_recipe(tmp_path, data, codec, resumed))
+    assert main(["train", recipe, "--no-progress", *extra, "--set", "stop_at_step=4"]) == 0
+    assert main(["train", recipe, "--no-progress", *extra]) == 0
+    history = load_state(straight / STATE_FILE)["history"]
+    assert {h["task"] for h in history if h["kind"] == "train"} <= {"tts", "ns", "tse", "dereverb"}
+    assert len({h["task"] for h in history if h["kind"] == "train"}) >= 2
+    val = [h for h in history if h["kind"] == "val"][0]
+    assert {"codes", "ns_codes", "ns_accuracy", "tse_codes", "dereverb_codes"} <= set(val)
+    again = load_state(resumed / STATE_FILE)["history"]
+    assert [h.get("total", h.get("codes")) for h in again] == pytest.approx([h.get("total", h.get("codes")) for h in history])
+    saved = json.loads((straight / FINAL_DIR / TALKER_CONFIG).read_text())
+    assert saved["tasks"] == {"dereverb": 3, "ns": 1, "tse": 4, "tts": 0} and saved["config"]["source_mels"] == 16
+    folder = tmp_path / "model"
+    shutil.copytree(straight / FINAL_DIR, folder / "talker")
+    shutil.copytree(codec, folder / "codec")
+    head = SpeechHead.from_folder(folder)
+    clip = _speechy(1.0, np.random.default_rng(5))
+    assert head.transform(clip, "ns").codes.shape == (2, head.source_frames(clip).shape[1])
+    assert head.transform(clip, "tse", clip[:8000]).waveform.size == clip.size
+
+
+def test_a_tts_talker_starts_a_talker_with_tasks_on_audio(setup, tmp_path: Path) -> None:
+    from omnivox.decoders.speech import load_talker
+    from omnivox.decoders.talker import Talker
+    from omnivox.training.talker import start_from
+
+    data, codec = setup
+    out = tmp_path / "tts"
+    assert main(["train", str(_recipe(tmp_path, data, codec, out, max_steps=2)), "--no-progress"]) == 0
+    tts, _ = load_talker(out / FINAL_DIR)
+    bigger = Talker(replace(tts.config, source_mels=16))
+    fresh = bigger.source_in.weight.clone()
+    start_from(bigger, out / FINAL_DIR)
+    torch.testing.assert_close(bigger.phoneme_embed.weight, tts.phoneme_embed.weight)
+    torch.testing.assert_close(bigger.heads[3][-1].weight if len(bigger.heads) > 3 else bigger.heads[-1][-1].weight,
+                               tts.heads[3][-1].weight if len(tts.heads) > 3 else tts.heads[-1][-1].weight)  # fmt: skip
+    assert torch.equal(bigger.source_in.weight, fresh)  # not in the tts talker: left as it was
+    recipe = str(_recipe(tmp_path, data, codec, tmp_path / "grown", max_steps=2))
+    assert main(["train", recipe, "--no-progress", "--set", "talker.tasks={tts = 1.0, ns = 1.0}",
+                 "--set", f"talker.init_from={out / FINAL_DIR}"]) == 0  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["talker.tasks={karaoke = 1.0}"], "unknown task\\(s\\) \\['karaoke'\\]"),
+        (["talker.tasks={tts = 0.0}"], "shares must be numbers >= 0, not all 0"),
+    ],
+)
+def test_bad_task_shares_are_named(setup, tmp_path: Path, overrides: list[str], message: str) -> None:
     data, codec = setup
     with pytest.raises(ConfigError, match=message):
         load_train_config(_recipe(tmp_path, data, codec, tmp_path / "run"), overrides)
