@@ -333,6 +333,8 @@ class TalkerSection:
             ``dereverb``, ``tse``, made from the clean clips, ``training/speech_tasks.py``).
         init_from: a talker folder whose weights start a fresh run where they fit (e.g. a
             text-to-speech talker growing tasks on audio).
+        extra_data: more data folders whose clean single-voice speech joins ``data.dir``'s
+            (their train and validation splits; e.g. a second ``omnivox data tts`` corpus).
     """
 
     codec: str = ""
@@ -343,6 +345,7 @@ class TalkerSection:
     default_voice: str = ""
     tasks: dict[str, float] = field(default_factory=lambda: {"tts": 1.0})
     init_from: str = ""
+    extra_data: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from omnivox.training.speech_tasks import TASK_ROWS

@@ -243,12 +243,16 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
         train_pairs = [Pair(**p) for p in saved["train"]]
         val_pairs = [Pair(**p) for p in saved["validation"]]
     else:
-        train_items = clean_speech_items(data_dir, "train")
-        if config.data.max_items:
-            train_items = train_items[: config.data.max_items]
-        val_items = clean_speech_items(data_dir, "validation")[: config.data.eval_items or None]
-        train_pairs = encode_pairs(codec, data_dir, train_items, progress)
-        val_pairs = encode_pairs(codec, data_dir, val_items, progress)
+        train_pairs, val_pairs = [], []
+        for folder in [data_dir, *(Path(d) for d in section.extra_data)]:
+            if not (folder / "train.jsonl").is_file():
+                raise UserInputError(f"talker data folder {folder}: no train.jsonl")
+            train_items = clean_speech_items(folder, "train")
+            if config.data.max_items:
+                train_items = train_items[: config.data.max_items]
+            val_items = clean_speech_items(folder, "validation")[: config.data.eval_items or None]
+            train_pairs += encode_pairs(codec, folder, train_items, progress)
+            val_pairs += encode_pairs(codec, folder, val_items, progress)
         torch.save({"train": [p.__dict__ for p in train_pairs], "validation": [p.__dict__ for p in val_pairs]}, pairs_path)
     if not train_pairs:
         raise UserInputError(f"data.dir {data_dir}: no clean single-voice speech items to train a talker on")

@@ -224,3 +224,22 @@ def test_bad_task_shares_are_named(setup, tmp_path: Path, overrides: list[str], 
     data, codec = setup
     with pytest.raises(ConfigError, match=message):
         load_train_config(_recipe(tmp_path, data, codec, tmp_path / "run"), overrides)
+
+
+def test_extra_data_folders_join_the_first(setup, tmp_path: Path, capsys) -> None:
+    data, codec = setup
+    second = tmp_path / "second"
+    shutil.copytree(data, second)
+    for split in ("train", "validation"):
+        path = second / f"{split}.jsonl"
+        path.write_text(path.read_text().replace('"espeak:v', '"espeak:w'))
+    out = tmp_path / "run"
+    recipe = str(_recipe(tmp_path, data, codec, out, max_steps=2))
+    assert main(["train", recipe, "--no-progress", "--set", f"talker.extra_data=['{second}']"]) == 0
+    saved = json.loads((out / FINAL_DIR / TALKER_CONFIG).read_text())
+    assert saved["voices"] == ["espeak:v0", "espeak:v1", "espeak:w0", "espeak:w1"]
+    assert json.loads((out / "metrics.json").read_text())["train_utterances"] == 12
+    capsys.readouterr()
+    recipe = str(_recipe(tmp_path, data, codec, tmp_path / "run2", max_steps=2))
+    assert main(["train", recipe, "--no-progress", "--set", f"talker.extra_data=['{tmp_path / 'nowhere'}']"]) == 2
+    assert "nowhere: no train.jsonl" in capsys.readouterr().err
