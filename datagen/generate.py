@@ -191,12 +191,19 @@ class _Job:
     opts: SynthOptions
 
 
-_JOB: _Job | None = None
+# What a worker process renders with (set by render_all before the first item)
+_WORK: tuple[Callable[[Any, Any], Any], Any] | None = None
 
 
-def _init_worker(job: _Job) -> None:
-    global _JOB
-    _JOB = job
+def _set_work(render: Callable[[Any, Any], Any], job: Any) -> None:
+    global _WORK
+    _WORK = (render, job)
+
+
+def _render_one(key: Any) -> Any:
+    assert _WORK is not None, "worker not initialised"
+    render, job = _WORK
+    return render(job, key)
 
 
 def item_id(index: int) -> str:
@@ -217,10 +224,8 @@ def _wav_bytes(x: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def render_item(key: ItemKey | int) -> dict[str, Any]:
+def render_item(job: _Job, key: ItemKey | int) -> dict[str, Any]:
     """Render item ``key`` (or load it when already done); returns its manifest line."""
-    job = _JOB
-    assert job is not None, "worker not initialised"
     key = key if isinstance(key, ItemKey) else ItemKey(None, key)
     meta_path = job.out_dir / "items" / f"{key.id}.json"
     if meta_path.is_file():
@@ -324,24 +329,23 @@ def generate(out_dir: Path, hours: float, seed: int, workers: int = 1, options: 
     done = n - len(todo)
     log.info("%d items planned (%d already done) with %d voices, %d workers", n, done, len(voices), workers)
     bar = tqdm(total=n, initial=done, desc="synth", unit="item", disable=not opts.progress, dynamic_ncols=True)
-    render_all(render_item, _init_worker, job, todo, workers, bar.update, chunksize=4)
+    render_all(render_item, job, todo, workers, bar.update, chunksize=4)
     bar.close()
     return write_manifests(out_dir, keys, seed, hours, opts, corpus, by_split, fingerprint)
 
 
-def render_all(render: Callable[[Any], Any], init: Callable[[Any], None], job: Any, todo: Sequence[Any], workers: int,
-               done: Callable[[], Any], chunksize: int = 4) -> None:  # fmt: skip
-    """``render`` every key of ``todo``: here (``workers`` 1), or in a pool of ``workers`` processes
-    each set up with ``init(job)``; ``done()`` after each item (in any order)."""
+def render_all(render: Callable[[Any, Any], Any], job: Any, todo: Sequence[Any], workers: int, done: Callable[[], Any],
+               chunksize: int = 4) -> None:  # fmt: skip
+    """``render(job, key)`` for every key of ``todo``: here (``workers`` 1), or in a pool of
+    ``workers`` processes (``job`` is handed to each once); ``done()`` after each item (in any order)."""
     if workers == 1 or len(todo) <= 1:
-        init(job)
         for key in todo:
-            render(key)
+            render(job, key)
             done()
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with ctx.Pool(workers, initializer=init, initargs=(job,)) as pool:
-        for _ in pool.imap_unordered(render, todo, chunksize=chunksize):
+    with ctx.Pool(workers, initializer=_set_work, initargs=(render, job)) as pool:
+        for _ in pool.imap_unordered(_render_one, todo, chunksize=chunksize):
             done()
 
 

@@ -121,18 +121,8 @@ class _Job:
     opts: TTSOptions
 
 
-_JOB: _Job | None = None
-
-
-def _init_worker(job: _Job) -> None:
-    global _JOB
-    _JOB = job
-
-
-def render(index: int) -> dict[str, Any]:
+def render(job: _Job, index: int) -> dict[str, Any]:
     """Render item ``index`` (or read it back when done); returns its manifest line."""
-    job = _JOB
-    assert job is not None, "worker not initialised"
     meta_path = job.out_dir / "items" / f"{item_id(index)}.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
@@ -209,7 +199,7 @@ def generate_tts(out_dir: Path, hours: float, seed: int = 0, workers: int = 1, o
     job = _Job(out_dir, seed, tuple(voices), corpus, opts)
     log.info("%d TTS items planned (%d already done), voices %s, %d workers", n, n - len(todo), opts.voices, workers)
     bar = tqdm(total=n, initial=n - len(todo), desc="tts", unit="item", disable=not opts.progress, dynamic_ncols=True)
-    render_all(render, _init_worker, job, todo, workers, bar.update, chunksize=2)
+    render_all(render, job, todo, workers, bar.update, chunksize=2)
     bar.close()
     return write_manifests(out_dir, n, fingerprint, corpus)
 

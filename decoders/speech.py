@@ -47,8 +47,8 @@ class SpokenAudio:
     Attributes:
         waveform: ``[S]`` float32 mono samples in [-1, 1].
         sample_rate: samples per second.
-        transcript: the text that was spoken.
-        voice: the voice it was spoken in.
+        transcript: the text that was spoken ("" for a task on audio).
+        voice: the voice it was spoken in ("" for a task on audio: the input's own).
         codes: ``[K, T]`` the codec codes the talker emitted (int64).
         first_audio_s: seconds from the start of speaking to the first piece of audio.
         seconds_taken: seconds speaking took in all.
@@ -143,6 +143,32 @@ def load_talker(folder: str | Path, device: str | torch.device = "cpu") -> tuple
     return talker.to(device).eval(), data
 
 
+class _Run:
+    """One request's seeded sampling and timing: ``piece`` is the stream's ``on_audio`` (it notes
+    when the first audio came), ``result`` the :class:`SpokenAudio`."""
+
+    def __init__(self, device: torch.device, seed: int | None, on_audio: Callable[[np.ndarray], None] | None) -> None:
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self.on_audio = on_audio
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(int(seed) % 2**63)
+
+    def piece(self, wav: torch.Tensor) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self.started
+        if self.on_audio is not None:
+            self.on_audio(wav.reshape(-1).float().cpu().numpy())
+
+    def result(self, codes: torch.Tensor, wav: torch.Tensor, rate: int, transcript: str, voice: str,
+               details: dict[str, Any]) -> SpokenAudio:  # fmt: skip
+        samples = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
+        return SpokenAudio(samples, rate, transcript, voice, codes[0].cpu(), self.first, time.perf_counter() - self.started,
+                           {**details, "frames": int(codes.shape[-1])})  # fmt: skip
+
+
 class SpeechHead:
     """A talker and the codec it speaks through.
 
@@ -229,33 +255,18 @@ class SpeechHead:
             raise UserInputError("there is no text to speak")
         if chunk_frames < 1:
             raise UserInputError(f"chunk_frames must be >= 1, got {chunk_frames}")
-        started = time.perf_counter()
-        vid = self.voice_id(voice)
-        ph = phonemize(text)
-        device = next(self.talker.parameters()).device
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(seed) % 2**63)
-        first: list[float] = []
-
-        def piece(wav: torch.Tensor) -> None:
-            if not first:
-                first.append(time.perf_counter() - started)
-            if on_audio is not None:
-                on_audio(wav.reshape(-1).float().cpu().numpy())
-
         if "tts" not in self.tasks:
             raise UserInputError(f"this talker was not trained for text to speech; it does {sorted(self.tasks)}")
+        device = next(self.talker.parameters()).device
+        run = _Run(device, seed, on_audio)
+        vid = self.voice_id(voice)
+        ph = phonemize(text)
         codes, wav = speak(
-            self.talker, self.codec, torch.tensor([ph.ids], device=device), piece, chunk_frames,
+            self.talker, self.codec, torch.tensor([ph.ids], device=device), run.piece, chunk_frames,
             voice=vid, task=self.tasks["tts"], speed=speed, temperature=temperature, top_k=top_k,
-            max_frames=int(max_seconds * self.codec.frame_rate), generator=generator,
+            max_frames=int(max_seconds * self.codec.frame_rate), generator=run.generator,
         )  # fmt: skip
-        samples = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
-        return SpokenAudio(samples, self.sample_rate, text, self.voices[vid], codes[0].cpu(),
-                           first[0] if first else None, time.perf_counter() - started,
-                           {"phonemes": ph.text, "frames": int(codes.shape[-1])})  # fmt: skip
+        return run.result(codes, wav, self.sample_rate, text, self.voices[vid], {"phonemes": ph.text})
 
     def source_frames(self, samples: np.ndarray, sample_rate: int = 16_000) -> torch.Tensor:
         """A mono clip -> the codec's normalised mel frames ``[1, T, M]`` (what tasks on audio read)."""
@@ -286,24 +297,9 @@ class SpeechHead:
             raise UserInputError(f"{task} needs an enrolment clip of the voice to keep (prompt)")
         if np.asarray(samples).size > max_seconds * sample_rate:
             raise UserInputError(f"the input clip is {np.asarray(samples).size / sample_rate:.1f} s, over {max_seconds:.0f} s")
-        started = time.perf_counter()
+        run = _Run(next(self.talker.parameters()).device, seed, on_audio)
         source = self.source_frames(samples, sample_rate)
         enrol = None if prompt is None else self.source_frames(prompt, sample_rate)
-        device = source.device
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(seed) % 2**63)
-        first: list[float] = []
-
-        def piece(wav: torch.Tensor) -> None:
-            if not first:
-                first.append(time.perf_counter() - started)
-            if on_audio is not None:
-                on_audio(wav.reshape(-1).float().cpu().numpy())
-
-        frames = self.talker.generate_from_source(source, self.tasks[task], enrol, temperature, top_k, generator)
-        codes, wav = stream_decode(frames, self.codec, piece, chunk_frames)
-        out = wav.reshape(-1).float().clamp(-1, 1).cpu().numpy()
-        return SpokenAudio(out, self.sample_rate, "", "", codes[0].cpu(), first[0] if first else None,
-                           time.perf_counter() - started, {"task": task, "frames": int(codes.shape[-1])})  # fmt: skip
+        frames = self.talker.generate_from_source(source, self.tasks[task], enrol, temperature, top_k, run.generator)
+        codes, wav = stream_decode(frames, self.codec, run.piece, chunk_frames)
+        return run.result(codes, wav, self.sample_rate, "", "", {"task": task})
