@@ -316,11 +316,19 @@ class Talker(nn.Module):
         return x
 
     # ------------------------------------------------------------------ frames
-    def previous_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """``codes [B, K, T]`` -> embedding of each frame's previous codes ``[B, T, D]`` (start row first)."""
+    def previous_codes(self, codes: torch.Tensor, drop: float = 0.0) -> torch.Tensor:
+        """``codes [B, K, T]`` -> embedding of each frame's previous codes ``[B, T, D]`` (start row first).
+
+        ``drop`` (training only): the share of frames whose previous codes are hidden (replaced by
+        the start row), so the talker cannot lean on copying the frame before: taught with the true
+        previous codes only, it reads held-out text well but drifts into loops when it runs on its
+        own output (measured: see the recipe)."""
         b, k, t = codes.shape
         start = torch.full((b, k, 1), self.config.codebook_size, dtype=codes.dtype, device=codes.device)
         prev = torch.cat([start, codes[..., :-1]], dim=-1)
+        if drop > 0 and self.training:
+            hidden = torch.rand(b, 1, t, device=codes.device) < drop
+            prev = prev.masked_fill(hidden, self.config.codebook_size)
         return sum(self.code_embed[i](prev[:, i]) for i in range(k))
 
     def depth_logits(self, g: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
@@ -336,6 +344,7 @@ class Talker(nn.Module):
         self, phonemes: torch.Tensor, phoneme_mask: torch.Tensor, codes: torch.Tensor, frame_mask: torch.Tensor,
         target_frames: torch.Tensor, voice: torch.Tensor, task: torch.Tensor,
         word_states: torch.Tensor | None = None, prior_weight: float = 1.0, duration_weight: float = 1.0,
+        code_dropout: float = 0.0,
     ) -> TalkerLosses:  # fmt: skip
         """Training losses.
 
@@ -365,17 +374,21 @@ class Talker(nn.Module):
         target_log_d = torch.log(durations.float().clamp(min=1))
         duration = ((log_d - target_log_d) ** 2 * phoneme_mask).sum() / phoneme_mask.sum().clamp(min=1)
 
-        ce, accuracy = self.code_losses(self.frame_inputs(h, durations, codes.shape[-1], voice, task), codes, frame_mask)
+        ce, accuracy = self.code_losses(self.frame_inputs(h, durations, codes.shape[-1], voice, task), codes, frame_mask,
+                                        code_dropout)  # fmt: skip
         total = ce + prior_weight * prior + duration_weight * duration
         return TalkerLosses(total, ce, prior, duration, accuracy)
 
-    def code_losses(self, inputs: torch.Tensor, codes: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def code_losses(
+        self, inputs: torch.Tensor, codes: torch.Tensor, frame_mask: torch.Tensor, code_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced code cross-entropy (mean over codebooks) and codebook-1 accuracy, from
-        per-frame decoder inputs ``[B, T, D]`` and the target ``codes [B, K, T]``."""
+        per-frame decoder inputs ``[B, T, D]`` and the target ``codes [B, K, T]`` (``code_dropout``:
+        see :meth:`previous_codes`)."""
         c = self.config
         if codes.shape[-1] > c.max_positions:
             raise UserInputError(f"{codes.shape[-1]} frames is more than the talker's {c.max_positions}")
-        x = inputs + self.previous_codes(codes)
+        x = inputs + self.previous_codes(codes, code_dropout)
         x = x + self.frame_pos(torch.arange(codes.shape[-1], device=x.device))
         for block in self.decoder:
             x = block(x, causal=True)
@@ -389,14 +402,15 @@ class Talker(nn.Module):
 
     def forward_source(
         self, source: torch.Tensor, source_mask: torch.Tensor, codes: torch.Tensor, task: torch.Tensor,
-        prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None, code_dropout: float = 0.0,
     ) -> TalkerLosses:  # fmt: skip
         """Training losses of a task on audio: ``source [B, T, M]`` input frames (``source_mask``),
         the target ``codes [B, K, T]`` of the same frames, ``task [B]``, optional enrolment clip."""
         if codes.shape[1] != self.config.num_codebooks or codes.shape[-1] != source.shape[1]:
             raise UserInputError(f"codes {tuple(codes.shape)} must be [B, {self.config.num_codebooks}, T] for source "
                                  f"frames {tuple(source.shape)}")  # fmt: skip
-        ce, accuracy = self.code_losses(self.source_inputs(source, source_mask, task, prompt, prompt_mask), codes, source_mask)
+        inputs = self.source_inputs(source, source_mask, task, prompt, prompt_mask)
+        ce, accuracy = self.code_losses(inputs, codes, source_mask, code_dropout)
         zero = ce.new_zeros(())
         return TalkerLosses(ce, ce, zero, zero, accuracy)
 

@@ -335,6 +335,8 @@ class TalkerSection:
             text-to-speech talker growing tasks on audio).
         extra_data: more data folders whose clean single-voice speech joins ``data.dir``'s
             (their train and validation splits; e.g. a second ``omnivox data tts`` corpus).
+        code_dropout: the share of frames whose previous codes are hidden in training (0-1), so
+            the talker learns to follow the text rather than copy the frame before.
     """
 
     codec: str = ""
@@ -346,6 +348,7 @@ class TalkerSection:
     tasks: dict[str, float] = field(default_factory=lambda: {"tts": 1.0})
     init_from: str = ""
     extra_data: tuple[str, ...] = ()
+    code_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         from omnivox.training.speech_tasks import TASK_ROWS
@@ -365,6 +368,8 @@ class TalkerSection:
         for name in ("prior_weight", "duration_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"talker.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.code_dropout < 1:
+            raise ConfigError(f"talker.code_dropout must be in [0, 1), got {self.code_dropout}")
 
 
 # Stages that train one part from scratch, without an LLM: stage -> its section (same name).

@@ -316,10 +316,11 @@ def train(config: TrainConfig, resume: bool = True, progress: bool = True) -> Pa
             chosen = plan_batch(train_pairs, order, step, config.seed, section.batch_frames)
             task = pick_task(section.tasks, config.seed, step)
             if task == "tts":
-                losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids),
-                                prior_weight=section.prior_weight, duration_weight=section.duration_weight)  # fmt: skip
+                losses = talker(**collate([train_pairs[i] for i in chosen], voice_ids), prior_weight=section.prior_weight,
+                                duration_weight=section.duration_weight, code_dropout=section.code_dropout)  # fmt: skip
             else:
-                losses = talker.forward_source(**audio_batch(task, codec, train_pairs, chosen, [config.seed, step]))
+                batch = audio_batch(task, codec, train_pairs, chosen, [config.seed, step])
+                losses = talker.forward_source(**batch, code_dropout=section.code_dropout)
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             if optim.max_grad_norm > 0:

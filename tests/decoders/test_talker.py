@@ -186,3 +186,17 @@ def test_an_enrolment_clip_steers_the_output_and_bad_sources_are_refused() -> No
         Talker(TINY).encode_source(source, torch.ones(1, 10, dtype=torch.bool))
     with pytest.raises(UserInputError, match=r"codes .* must be \[B, 3, T\]"):
         talker.forward_source(source, torch.ones(1, 10, dtype=torch.bool), torch.zeros(1, 3, 9, dtype=torch.long), torch.tensor([0]))
+
+
+def test_code_dropout_hides_previous_frames_in_training_only() -> None:
+    torch.manual_seed(0)
+    talker = Talker(TINY)
+    codes = torch.randint(0, 16, (2, 3, 12))
+    start = talker.previous_codes(torch.full((2, 3, 1), 0))[:, :1]  # the start row's embedding [2, 1, D]
+    hidden = talker.previous_codes(codes, drop=0.999999)
+    torch.testing.assert_close(hidden, start.expand_as(hidden))
+    some = talker.previous_codes(codes, drop=0.5)
+    same = torch.isclose(some, talker.previous_codes(codes)).all(-1)  # [2, T]: frames left as they were
+    assert 0 < int(same.sum()) < same.numel()
+    talker.eval()
+    torch.testing.assert_close(talker.previous_codes(codes, drop=0.9), talker.previous_codes(codes))

@@ -168,7 +168,8 @@ def test_bad_recipe_fields_are_named(setup, tmp_path: Path, overrides: list[str]
 
 def test_tasks_on_audio_train_beside_tts_resume_exactly_and_the_talker_cleans_clips(setup, tmp_path: Path) -> None:
     data, codec = setup
-    extra = ["--set", "talker.tasks={tts = 1.0, ns = 1.0, tse = 1.0, dereverb = 0.5}", "--set", "eval_every=3"]
+    extra = ["--set", "talker.tasks={tts = 1.0, ns = 1.0, tse = 1.0, dereverb = 0.5}", "--set", "eval_every=3",
+             "--set", "talker.code_dropout=0.4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(["train", str(_recipe(tmp_path, data, codec, straight)), "--no-progress", *extra]) == 0
     recipe = str(_recipe(tmp_path, data, codec, resumed))
@@ -218,6 +219,7 @@ def test_a_tts_talker_starts_a_talker_with_tasks_on_audio(setup, tmp_path: Path)
     [
         (["talker.tasks={karaoke = 1.0}"], "unknown task\\(s\\) \\['karaoke'\\]"),
         (["talker.tasks={tts = 0.0}"], "shares must be numbers >= 0, not all 0"),
+        (["talker.code_dropout=1.0"], "talker.code_dropout must be in \\[0, 1\\)"),
     ],
 )
 def test_bad_task_shares_are_named(setup, tmp_path: Path, overrides: list[str], message: str) -> None:
