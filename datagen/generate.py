@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import soundfile as sf
@@ -51,6 +51,9 @@ from omnivox.datagen.tasks import TASK_SHARES, TASK_WEIGHTS, TASKS, Item, Resour
 from omnivox.datagen.text import FORTUNE_DIR, TextCorpus, load_corpus, split_fraction
 from omnivox.datagen.voices import SAMPLE_RATE, Voice, available_voices, espeak_version
 from omnivox.errors import OmnivoxError, UserInputError
+
+if TYPE_CHECKING:
+    from omnivox.datagen.speech_pairs import TTSOptions
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +158,9 @@ class ItemKey:
         return [seed, self.index] if self.task is None else [seed, zlib.crc32(self.task.encode()), self.index]
 
 
-def item_split(seed: int, key: ItemKey | int, opts: SynthOptions) -> str:
+def item_split(seed: int, key: ItemKey | int, opts: SynthOptions | TTSOptions) -> str:
+    """The split of item ``key``: from ``default_rng([*seed words, 1])`` and the options' shares
+    (``test_items``, ``validation_items``)."""
     key = key if isinstance(key, ItemKey) else ItemKey(None, key)
     u = float(np.random.default_rng([*key.seed_words(seed), 1]).random())
     return "test" if u < opts.test_items else "validation" if u < opts.test_items + opts.validation_items else "train"
@@ -290,6 +295,16 @@ def _continues(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return old == new or ({k: v for k, v in new.items() if k not in _ADDED_KEYS} == old)
 
 
+def check_run_args(hours: float, workers: int, seed: int) -> None:
+    """A generator run's ``--hours``, ``--workers`` and ``--seed``, each named when wrong."""
+    if not hours > 0:
+        raise UserInputError(f"--hours {hours}: must be positive")
+    if workers < 1:
+        raise UserInputError(f"--workers {workers}: must be at least 1")
+    if seed < 0:
+        raise UserInputError(f"--seed {seed}: must be non-negative")
+
+
 def generate(out_dir: Path, hours: float, seed: int, workers: int = 1, options: SynthOptions | None = None) -> Path:
     """Generate (or resume) a synthetic dataset of about ``hours`` hours in ``out_dir``.
 
@@ -297,12 +312,7 @@ def generate(out_dir: Path, hours: float, seed: int, workers: int = 1, options: 
     manifests, whatever ``workers`` is. Returns the path of ``dataset.json``.
     """
     opts = options or SynthOptions()
-    if not hours > 0:
-        raise UserInputError(f"--hours {hours}: must be positive")
-    if workers < 1:
-        raise UserInputError(f"--workers {workers}: must be at least 1")
-    if seed < 0:
-        raise UserInputError(f"--seed {seed}: must be non-negative")
+    check_run_args(hours, workers, seed)
     out_dir = Path(out_dir)
     corpus = load_corpus(opts.fortune_dir, opts.held_out_sentences, opts.sentences)
     voices = available_voices(opts.engines)

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,16 @@ import numpy as np
 from tqdm import tqdm
 
 from omnivox.datagen import augment as aug
-from omnivox.datagen.generate import SPLITS, _corpus_hash, _wav_bytes, _write_atomic, render_all
+from omnivox.datagen.generate import (
+    SPLITS,
+    ItemKey,
+    _corpus_hash,
+    _wav_bytes,
+    _write_atomic,
+    check_run_args,
+    item_split,
+    render_all,
+)
 from omnivox.datagen.text import FORTUNE_DIR, TextCorpus, load_corpus
 from omnivox.datagen.voices import ENGINES, SAMPLE_RATE, Voice
 from omnivox.errors import UserInputError
@@ -99,19 +107,6 @@ def find_voices(names: tuple[str, ...]) -> list[Voice]:
     return found
 
 
-def item_id(index: int) -> str:
-    return f"{TASK}-{index:07d}"
-
-
-def _stream(seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(TASK.encode()), index])
-
-
-def item_split(seed: int, index: int, opts: TTSOptions) -> str:
-    u = float(np.random.default_rng([seed, zlib.crc32(TASK.encode()), index, 1]).random())
-    return "test" if u < opts.test_items else "validation" if u < opts.test_items + opts.validation_items else "train"
-
-
 @dataclass(frozen=True)
 class _Job:
     out_dir: Path
@@ -121,13 +116,20 @@ class _Job:
     opts: TTSOptions
 
 
+def item_key(index: int) -> ItemKey:
+    """Item ``index`` of the corpus: id ``tts-0000042``, seeded ``[seed, crc32("tts"), index]`` (as
+    ``data synth``'s added tasks)."""
+    return ItemKey(TASK, index)
+
+
 def render(job: _Job, index: int) -> dict[str, Any]:
     """Render item ``index`` (or read it back when done); returns its manifest line."""
-    meta_path = job.out_dir / "items" / f"{item_id(index)}.json"
+    key = item_key(index)
+    meta_path = job.out_dir / "items" / f"{key.id}.json"
     if meta_path.is_file():
         return json.loads(meta_path.read_text())
-    split = item_split(job.seed, index, job.opts)
-    rng = _stream(job.seed, index)
+    split = item_split(job.seed, key, job.opts)
+    rng = np.random.default_rng(key.seed_words(job.seed))
     weights = np.asarray(job.opts.weights or [1.0] * len(job.voices), dtype=np.float64)
     voice = job.voices[int(rng.choice(len(job.voices), p=weights / weights.sum()))]
     for _ in range(50):  # a sentence the voice can say in MAX_SECONDS
@@ -136,15 +138,15 @@ def render(job: _Job, index: int) -> dict[str, Any]:
         if 0.3 * SAMPLE_RATE < samples.size <= MAX_SECONDS * SAMPLE_RATE:
             break
     else:
-        raise RuntimeError(f"item {item_id(index)}: 50 sentences in a row were empty or over {MAX_SECONDS} s")
+        raise RuntimeError(f"item {key.id}: 50 sentences in a row were empty or over {MAX_SECONDS} s")
     speech = aug.set_level(samples, LEVEL_DBFS)
     x = aug.finalize(np.concatenate([np.zeros(int(LEAD_S * SAMPLE_RATE), np.float32), speech,
                                      np.zeros(int(TAIL_S * SAMPLE_RATE), np.float32)]))
-    rel = f"audio/{split}/{item_id(index)}.wav"
+    rel = f"audio/{split}/{key.id}.wav"
     _write_atomic(job.out_dir / rel, _wav_bytes(x))
     onset, offset = LEAD_S, LEAD_S + speech.size / SAMPLE_RATE
     line = {
-        "id": item_id(index), "audio": rel, "duration": round(x.size / SAMPLE_RATE, 4), "task": TASK, "split": split,
+        "id": key.id, "audio": rel, "duration": round(x.size / SAMPLE_RATE, 4), "task": TASK, "split": split,
         "instruction": SAY[int(rng.integers(len(SAY)))].format(sentence.written), "answer": sentence.written,
         "metadata": {
             "seed": job.seed, "index": index, "version": VERSION,
@@ -166,12 +168,7 @@ def generate_tts(out_dir: Path, hours: float, seed: int = 0, workers: int = 1, o
     """Generate (or resume, or extend with more ``hours``) the corpus in ``out_dir``; returns
     the path of ``dataset.json``."""
     opts = options or TTSOptions()
-    if not hours > 0:
-        raise UserInputError(f"--hours {hours}: must be positive")
-    if workers < 1:
-        raise UserInputError(f"--workers {workers}: must be at least 1")
-    if seed < 0:
-        raise UserInputError(f"--seed {seed}: must be non-negative")
+    check_run_args(hours, workers, seed)
     out_dir = Path(out_dir)
     corpus = load_corpus(opts.fortune_dir, opts.held_out_sentences, opts.sentences)
     voices = find_voices(opts.voices)
@@ -195,7 +192,7 @@ def generate_tts(out_dir: Path, hours: float, seed: int = 0, workers: int = 1, o
     (out_dir / "items").mkdir(exist_ok=True)
 
     n = item_count(hours)
-    todo = [i for i in range(n) if not (out_dir / "items" / f"{item_id(i)}.json").is_file()]
+    todo = [i for i in range(n) if not (out_dir / "items" / f"{item_key(i).id}.json").is_file()]
     job = _Job(out_dir, seed, tuple(voices), corpus, opts)
     log.info("%d TTS items planned (%d already done), voices %s, %d workers", n, n - len(todo), opts.voices, workers)
     bar = tqdm(total=n, initial=n - len(todo), desc="tts", unit="item", disable=not opts.progress, dynamic_ncols=True)
@@ -209,7 +206,7 @@ def write_manifests(out_dir: Path, n: int, fingerprint: dict[str, Any], corpus: 
     lines: dict[str, list[str]] = {s: [] for s in SPLITS}
     seconds: dict[str, dict[str, float]] = {s: {} for s in SPLITS}
     for i in range(n):
-        raw = (out_dir / "items" / f"{item_id(i)}.json").read_text().rstrip("\n")
+        raw = (out_dir / "items" / f"{item_key(i).id}.json").read_text().rstrip("\n")
         line = json.loads(raw)
         lines[line["split"]].append(raw)
         voice = line["metadata"]["voice"]["voice"]
