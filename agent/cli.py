@@ -129,18 +129,23 @@ def load_speech_for_cli(args: argparse.Namespace):
         return SpeechHead.from_folder(folder, args.device, getattr(torch, args.dtype))
 
 
-def speak_to_file(head, text: str, out: Path, voice: str | None = None, **options):
-    """Speak ``text`` with the speech head ``head`` into ``out`` (WAV, written piece by piece
-    while the audio is made); returns the :class:`~omnivox.decoders.speech.SpokenAudio`."""
+def audio_to_file(out: Path, sample_rate: int, make):
+    """``make(on_audio)`` (a speech head's ``say`` or ``transform``) writing into ``out`` (WAV, piece
+    by piece while the audio is made; removed again if making it fails); returns what ``make`` does."""
     from omnivox.agent.workspace import WavWriter
 
-    head.voice_id(voice)  # an unknown voice fails before the file is made
     try:
-        with WavWriter(out, head.sample_rate) as writer:
-            return head.say(text, voice, on_audio=writer.write, **options)
+        with WavWriter(out, sample_rate) as writer:
+            return make(writer.write)
     except BaseException:
         out.unlink(missing_ok=True)  # no half-written answer left behind
         raise
+
+
+def speak_to_file(head, text: str, out: Path, voice: str | None = None, **options):
+    """Speak ``text`` with the speech head ``head`` into ``out``; returns the
+    :class:`~omnivox.decoders.speech.SpokenAudio`."""
+    return audio_to_file(out, head.sample_rate, lambda on_audio: head.say(text, voice, on_audio=on_audio, **options))
 
 
 def _report_audio(spoken, out: Path) -> None:
@@ -226,17 +231,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         result = speak_to_file(head, text, out, args.voice, speed=args.speed, **options)
         print(text, flush=True)
     else:
-        from omnivox.agent.workspace import WavWriter
-
-        if args.task not in head.tasks:  # before the file is made
-            raise UserInputError(f"this model's talker was not trained for {args.task}; it does {sorted(head.tasks)}")
-        try:
-            with WavWriter(out, head.sample_rate) as writer:
-                result = head.transform(source.samples, args.task, None if prompt is None else prompt.samples,
-                                        on_audio=writer.write, **options)  # fmt: skip
-        except BaseException:
-            out.unlink(missing_ok=True)
-            raise
+        enrol = None if prompt is None else prompt.samples
+        result = audio_to_file(out, head.sample_rate, lambda on_audio: head.transform(
+            source.samples, args.task, enrol, on_audio=on_audio, **options))  # fmt: skip
     _report_audio(result, out)
     if args.plot:
         from omnivox.evaluation.report import plot_spectrograms
@@ -245,6 +242,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         column.append((f"{args.task}: {result.voice or 'output'}", result.waveform, result.sample_rate))
         print(f"wrote {plot_spectrograms([column], Path(args.plot))}", file=sys.stderr)
     return 0
+
+
+def add_generate_arguments(gen: argparse.ArgumentParser) -> None:
+    """``omnivox generate``'s flags; its tasks are the speech head's (``decoders.speech.TASKS``)."""
+    from omnivox.decoders.speech import TASKS
+
+    gen.add_argument("--model", help="omnivox model folder with a talker/ (default: the bundled nano model)")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    gen.add_argument("--dtype", default="float32", choices=DTYPES, help="the talker's dtype (the codec decodes in float32)")
+    gen.add_argument("--task", required=True, choices=tuple(TASKS),
+                     help="; ".join(f"{name}: {what}" for name, what in TASKS.items())
+                          + " (from --audio, the voice of --prompt-audio for tse; what the model's talker was trained for)")  # fmt: skip
+    gen.add_argument("--audio", default=None, metavar="FILE", help="the input clip (every task but tts)")
+    gen.add_argument("--prompt-audio", default=None, metavar="FILE", help="a clip of the voice to keep (tse)")
+    gen.add_argument("--out", required=True, metavar="FILE.wav", help="where the audio is written (WAV)")
+    gen.add_argument("--voice", default=None, help="voice name (default: the model's; see its talker/talker.json)")
+    gen.add_argument("--speed", type=float, default=1.0, help="pace, 0.25-4 (default 1: the voice's own)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: the likeliest codes (default); above: sample")
+    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    gen.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the spectrograms (input above output) here")
+    gen.add_argument("text", nargs="*", help="the text (tts)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -374,22 +392,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     gen = sub.add_parser("generate", help="make audio by task: tts (text to speech), ns, sr, dereverb, tse (from a clip)")
-    gen.add_argument("--model", help="omnivox model folder with a talker/ (default: the bundled nano model)")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    gen.add_argument("--dtype", default="float32", choices=DTYPES, help="the talker's dtype (the codec decodes in float32)")
-    gen.add_argument("--task", required=True, choices=("tts", "ns", "sr", "dereverb", "tse"),
-                     help="tts: speak the text; ns: remove the noise, sr: remove the speech, dereverb: remove the room, "
-                          "tse: keep the voice of --prompt-audio (from --audio; what the model's talker was trained for)")  # fmt: skip
-    gen.add_argument("--audio", default=None, metavar="FILE", help="the input clip (ns, sr, dereverb, tse)")
-    gen.add_argument("--prompt-audio", default=None, metavar="FILE", help="a clip of the voice to keep (tse)")
-    gen.add_argument("--out", required=True, metavar="FILE.wav", help="where the audio is written (WAV)")
-    gen.add_argument("--voice", default=None, help="voice name (default: the model's; see its talker/talker.json)")
-    gen.add_argument("--speed", type=float, default=1.0, help="pace, 0.25-4 (default 1: the voice's own)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: the likeliest codes (default); above: sample")
-    gen.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    gen.add_argument("--plot", default=None, metavar="FILE.png", help="also draw the spectrograms (input above output) here")
-    gen.add_argument("text", nargs="*", help="the text (tts)")
-    gen.set_defaults(func=cmd_generate)
+    if command == "generate":  # the task table lives beside the speech head (torch): built only when used
+        add_generate_arguments(gen)
+        gen.set_defaults(func=cmd_generate)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat completions, transcriptions)")
     model_flags(serve)

@@ -37,6 +37,9 @@ TASKS = {
     "dereverb": "dereverberation",
     "tse": "target speaker extraction (the voice of an enrolment clip, from a mixture)",
 }
+# talker.json task rows of a talker trained here: fixed by the order above, so every talker reads the same row
+TASK_ROWS = {name: row for row, name in enumerate(TASKS)}
+AUDIO_TASKS = tuple(t for t in TASKS if t != "tts")
 NEEDS_PROMPT = frozenset({"tse"})
 
 
@@ -289,8 +292,8 @@ class SpeechHead:
     ) -> SpokenAudio:  # fmt: skip
         """A task on audio (``ns``, ``sr``, ``dereverb``, ``tse``): the input clip in, codes out one
         frame per input frame, decoded while they come. ``prompt``: the enrolment clip ``tse`` needs."""
-        if task not in TASKS or task == "tts":
-            raise UserInputError(f"unknown task on audio {task!r}; known: {sorted(set(TASKS) - {'tts'})}")
+        if task not in AUDIO_TASKS:
+            raise UserInputError(f"unknown task on audio {task!r}; known: {sorted(AUDIO_TASKS)}")
         if task not in self.tasks:
             raise UserInputError(f"this model's talker was not trained for {task} ({TASKS[task]}); it does {sorted(self.tasks)}")
         if task in NEEDS_PROMPT and prompt is None:

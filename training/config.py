@@ -351,11 +351,11 @@ class TalkerSection:
     code_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        from omnivox.training.speech_tasks import TASK_ROWS
+        from omnivox.decoders.speech import TASKS
 
-        unknown = sorted(set(self.tasks) - set(TASK_ROWS))
+        unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown:
-            raise ConfigError(f"talker.tasks: unknown task(s) {unknown}; known: {sorted(TASK_ROWS)}")
+            raise ConfigError(f"talker.tasks: unknown task(s) {unknown}; known: {sorted(TASKS)}")
         if not self.tasks or any(not isinstance(v, int | float) or v < 0 for v in self.tasks.values()) or not sum(self.tasks.values()) > 0:
             raise ConfigError(f"talker.tasks: shares must be numbers >= 0, not all 0, got {self.tasks}")
         if not self.codec:

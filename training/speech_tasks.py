@@ -23,13 +23,11 @@ import numpy as np
 import torch
 
 from omnivox.decoders.codec import MelCodec
+from omnivox.decoders.speech import AUDIO_TASKS
 from omnivox.errors import UserInputError
 
 SNR_DB = (0.0, 10.0)
 SIR_DB = (-5.0, 5.0)
-# talker.json task rows: fixed, so that every talker trained here reads the same row for a task
-TASK_ROWS = {"tts": 0, "ns": 1, "sr": 2, "dereverb": 3, "tse": 4}
-AUDIO_TASKS = ("ns", "sr", "dereverb", "tse")
 
 
 def pick_task(shares: dict[str, float], seed: int, step: int) -> str:

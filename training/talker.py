@@ -29,7 +29,7 @@ from torch import nn
 
 from omnivox.decoders.codec import MelCodec, load_mel_codec
 from omnivox.decoders.phonemes import PHONEMES, phonemize
-from omnivox.decoders.speech import save_talker
+from omnivox.decoders.speech import TASK_ROWS, save_talker
 from omnivox.decoders.talker import Talker, TalkerConfig
 from omnivox.encoders.base import torch_load_checkpoint
 from omnivox.errors import CheckpointError, UserInputError
@@ -44,7 +44,7 @@ from omnivox.training.sound_encoder import (
     make_optimizer,
     read_audio,
 )
-from omnivox.training.speech_tasks import TASK_ROWS, collate_audio, make_item, pick_task
+from omnivox.training.speech_tasks import collate_audio, make_item, pick_task
 
 logger = logging.getLogger(__name__)
 
