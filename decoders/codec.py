@@ -367,6 +367,10 @@ class MelCodec(Codec):
     def normalize(self, log_mel: torch.Tensor) -> torch.Tensor:
         return (log_mel - self.mel_mean) / self.mel_std
 
+    def analyse(self, wav: torch.Tensor) -> torch.Tensor:
+        """``wav [B, S]`` -> the normalised log-mel frames ``[B, T, M]`` the quantiser codes."""
+        return self.normalize(self.log_mel(wav))
+
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Residual nearest-neighbour codes of normalised frames ``z [B, T, M]`` -> ``[B, K, T]``."""
         residual = z.reshape(-1, z.shape[-1])
@@ -388,7 +392,7 @@ class MelCodec(Codec):
     @torch.no_grad()
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         wav = self.check_wav(wav)
-        return self.quantize(self.normalize(self.log_mel(wav[:, 0])))
+        return self.quantize(self.analyse(wav[:, 0]))
 
     # ------------------------------------------------------------------ synthesis
     def piece_outputs(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

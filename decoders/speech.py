@@ -192,7 +192,7 @@ class SpeechHead:
         self.voices = list(voices)
         self.default_voice = default_voice or self.voices[0]
         self.tasks = dict(tasks or {"tts": 0})
-        if set(self.tasks) - {"tts"} and not hasattr(codec, "log_mel"):
+        if set(self.tasks) - {"tts"} and not hasattr(codec, "analyse"):
             raise CheckpointError("tasks on audio read the input through the codec's mel analysis; this codec has none")
         if self.default_voice not in self.voices:
             raise CheckpointError(f"default voice {self.default_voice!r} is not among the voices {self.voices}")
@@ -282,7 +282,7 @@ class SpeechHead:
             x = soxr.resample(x, sample_rate, self.codec.sample_rate).astype(np.float32)
         device = next(self.talker.parameters()).device
         wav = torch.from_numpy(x)[None].to(device)
-        return self.codec.normalize(self.codec.log_mel(wav)).to(next(self.talker.parameters()).dtype)
+        return self.codec.analyse(wav).to(next(self.talker.parameters()).dtype)
 
     @torch.no_grad()
     def transform(

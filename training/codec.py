@@ -211,7 +211,7 @@ def make_batch(
 def resynthesize(codec: MelCodec, wav: torch.Tensor, grad: bool = True) -> torch.Tensor:
     """``wav [B, S]`` -> quantised -> decoded ``[B, S]`` (the decoder alone is differentiable)."""
     with torch.no_grad():
-        codes = codec.quantize(codec.normalize(codec.log_mel(wav)))
+        codes = codec.quantize(codec.analyse(wav))
         z = codec.dequantize(codes)
     with torch.set_grad_enabled(grad):
         return codec.decode_frames(z)[:, 0, : wav.shape[-1]]

@@ -64,7 +64,7 @@ def _mix(speech: np.ndarray, other: np.ndarray, db: float) -> tuple[np.ndarray, 
 @torch.no_grad()
 def frames_of(codec: MelCodec, wav: np.ndarray) -> torch.Tensor:
     """16 kHz ``[S]`` -> the codec's normalised mel frames ``[T, M]``."""
-    return codec.normalize(codec.log_mel(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None]))[0]
+    return codec.analyse(torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None])[0]
 
 
 @torch.no_grad()

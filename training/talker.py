@@ -93,7 +93,7 @@ def encode_pairs(codec: MelCodec, data_dir: Path, items: list[dict[str, Any]], p
         except UserInputError:
             continue
         wav = torch.from_numpy(read_audio(data_dir / item["audio"]))[None]
-        z = codec.normalize(codec.log_mel(wav))  # [1, T, M]
+        z = codec.analyse(wav)  # [1, T, M]
         codes = codec.quantize(z)[0]  # [K, T]
         if codes.shape[-1] < len(ids):
             continue  # faster than one frame per phoneme: cannot be aligned
