@@ -58,7 +58,6 @@ import base64
 import collections
 import contextlib
 import hmac
-import io
 import json
 import logging
 import math
@@ -84,6 +83,7 @@ from omnivox.agent.generation import Generation, GenerationSettings
 from omnivox.agent.streaming import StopText
 from omnivox.agent.tools import Tool
 from omnivox.agent.web import add_web_routes
+from omnivox.agent.workspace import audio_bytes
 from omnivox.decoders.speech import SpeechHead, SpokenAudio
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, ToolSpec, calls_text, result_text, tools_text
@@ -109,14 +109,14 @@ METRIC_ENDPOINTS = (
     "/metrics",
     "/",
 )
-# Spoken audio out, by the name a request gives: (soundfile format, subtype, Content-Type); the
-# format None is raw 16-bit little-endian mono PCM at the codec's rate
+# Spoken audio out, by the name a request gives -> its Content-Type. Files are written by
+# agent/workspace.py's audio_bytes; "pcm" is raw 16-bit little-endian mono PCM at the codec's rate.
 SPEECH_FORMATS = {
-    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
-    "opus": ("OGG", "OPUS", "audio/ogg"),
-    "flac": ("FLAC", "PCM_16", "audio/flac"),
-    "wav": ("WAV", "PCM_16", "audio/wav"),
-    "pcm": (None, None, "audio/pcm"),
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
 }
 CHAT_AUDIO_FORMATS = {
     "wav": "wav",
@@ -125,7 +125,6 @@ CHAT_AUDIO_FORMATS = {
     "opus": "opus",
     "pcm16": "pcm",
 }  # -> SPEECH_FORMATS
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # what Opus encodes; other rates are resampled to 48 kHz
 MAX_SPEECH_INPUT = 4096  # OpenAI's limit on /v1/audio/speech input, in characters
 MODALITIES = ("text", "audio")
 UNSPEAKABLE = "nothing speakable"  # how decoders/phonemes.py's error for such text begins
@@ -1162,24 +1161,13 @@ def pcm16(samples: np.ndarray) -> bytes:
 
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     """``samples`` [S] float32 mono in ``fmt`` (a ``SPEECH_FORMATS`` key): a file's bytes, or raw PCM."""
-    import soundfile as sf
-
-    container, subtype, _ = SPEECH_FORMATS[fmt]
-    if container is None:
-        return pcm16(samples)
-    if fmt == "opus" and sample_rate not in OPUS_RATES:
-        import soxr
-
-        samples, sample_rate = soxr.resample(samples, sample_rate, 48000).astype(np.float32), 48000
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
-    return buffer.getvalue()
+    return pcm16(samples) if fmt == "pcm" else audio_bytes(samples, sample_rate, fmt)
 
 
 def _media_type(fmt: str, sample_rate: int) -> str:
     """The Content-Type of audio in ``fmt``; raw PCM names its rate (``audio/pcm;rate=16000``)."""
-    container, _, media = SPEECH_FORMATS[fmt]
-    return f"{media};rate={sample_rate}" if container is None else media
+    media = SPEECH_FORMATS[fmt]
+    return f"{media};rate={sample_rate}" if fmt == "pcm" else media
 
 
 def _message_audio(spoken: SpokenAudio, fmt: str) -> dict[str, Any]:

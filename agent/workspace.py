@@ -12,6 +12,7 @@ that leads out of it.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
@@ -156,14 +157,29 @@ class Workspace:
         return list(self._items)
 
 
-def write_audio(path: Path, samples: np.ndarray, sample_rate: int, format: str = "wav") -> None:
-    """Write mono audio (16-bit PCM for wav; mp3 through libsndfile's MPEG layer III)."""
+# Audio files written here, by format name: (libsndfile container, subtype)
+AUDIO_FORMATS = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "ogg": ("OGG", "VORBIS"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "opus": ("OGG", "OPUS"),
+}
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # what Opus encodes; other rates are resampled to 48 kHz
+
+
+def write_audio(path: Path | io.BytesIO, samples: np.ndarray, sample_rate: int, format: str = "wav") -> None:
+    """Write mono audio to a path or a file object (16-bit PCM for wav and flac; mp3 through
+    libsndfile's MPEG layer III; opus in Ogg, at 48 kHz unless the rate is one Opus takes)."""
     import soundfile as sf
 
-    clipped = np.clip(samples, -1.0, 1.0)
-    subtype = {"wav": "PCM_16", "flac": "PCM_16", "ogg": "VORBIS", "mp3": "MPEG_LAYER_III"}[format]
+    container, subtype = AUDIO_FORMATS[format]
+    if format == "opus" and sample_rate not in OPUS_RATES:
+        import soxr
+
+        samples, sample_rate = soxr.resample(samples, sample_rate, 48000).astype(np.float32), 48000
     try:
-        sf.write(path, clipped, sample_rate, format=format.upper() if format != "ogg" else "OGG", subtype=subtype)
+        sf.write(path, np.clip(samples, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
     except (sf.LibsndfileError, TypeError, ValueError) as err:
         raise UserInputError(f"cannot write {format} at {sample_rate} Hz: {err}") from None
 
@@ -197,8 +213,7 @@ class WavWriter:
 
 
 def audio_bytes(samples: np.ndarray, sample_rate: int, format: str = "wav") -> bytes:
-    """The audio as a file's bytes (for HTTP and MCP answers)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"audio.{format}"
-        write_audio(path, samples, sample_rate, format)
-        return path.read_bytes()
+    """The audio as a file's bytes (for HTTP and MCP answers), written in memory."""
+    buffer = io.BytesIO()
+    write_audio(buffer, samples, sample_rate, format)
+    return buffer.getvalue()
