@@ -57,6 +57,7 @@ from omnivox.agent.audio import base64_bytes, data_url_bytes, load_audio
 from omnivox.agent.builtin_tools import ClipId, Question, builtin_tools
 from omnivox.agent.tools import Tool, ToolArgumentError, ToolError, ToolRegistry, ToolResult, tool
 from omnivox.agent.workspace import ID, Workspace, audio_bytes
+from omnivox.decoders.speech import MAX_TEXT_CHARS
 from omnivox.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -79,13 +80,13 @@ MIME_FORMAT = {"wav": "wav", "flac": "flac", "ogg": "ogg", "mp3": "mpeg"}
 
 Transport = Literal["stdio", "http"]
 AudioReference = Annotated[str, pydantic.Field(min_length=1)]
-SpokenText = Annotated[str, pydantic.Field(min_length=1, max_length=4096)]
+SpokenText = Annotated[str, pydantic.Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 Speed = Annotated[float, pydantic.Field(ge=0.25, le=4.0)]
 # speak's docstring: its voice argument names the voices of the model at hand
 SPEAK_DOC = """Say a text aloud in one of the model's voices; makes a new audio id and returns the audio.
 
     Args:
-        text: what to say (at most 4096 characters).
+        text: what to say (at most {max_chars} characters).
         voice: the voice, one of {voices}; the part after "engine:" also works.
         speed: how fast, 0.25 to 4; 1 is the voice's own pace.
     """
@@ -237,7 +238,7 @@ def speech_tool(assistant: Assistant, workspace: Workspace) -> Tool:
         )
         return ToolResult(f"{made.describe()}, voice {spoken.voice}", (made.id,))
 
-    speak.__doc__ = SPEAK_DOC.format(voices=voices)
+    speak.__doc__ = SPEAK_DOC.format(voices=voices, max_chars=MAX_TEXT_CHARS)
     return tool(speak)
 
 

@@ -84,7 +84,7 @@ from omnivox.agent.streaming import StopText
 from omnivox.agent.tools import Tool
 from omnivox.agent.web import add_web_routes
 from omnivox.agent.workspace import audio_bytes
-from omnivox.decoders.speech import SpeechHead, SpokenAudio
+from omnivox.decoders.speech import MAX_TEXT_CHARS, SpeechHead, SpokenAudio
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, ToolSpec, calls_text, result_text, tools_text
 
@@ -125,7 +125,6 @@ CHAT_AUDIO_FORMATS = {
     "opus": "opus",
     "pcm16": "pcm",
 }  # -> SPEECH_FORMATS
-MAX_SPEECH_INPUT = 4096  # OpenAI's limit on /v1/audio/speech input, in characters
 MODALITIES = ("text", "audio")
 UNSPEAKABLE = "nothing speakable"  # how decoders/phonemes.py's error for such text begins
 CANNOT_SPEAK = "this model cannot speak: its folder has no talker/ (speech head); it answers in text only"
@@ -429,8 +428,8 @@ def read_speech_request(body: dict[str, Any], speech: SpeechHead | None) -> Spee
         raise APIError(
             400, f"input must be a non-empty string (the text to speak), got {_show(text)}", param="input"
         )
-    if len(text) > MAX_SPEECH_INPUT:
-        raise APIError(400, f"input is {len(text)} characters, over the limit of {MAX_SPEECH_INPUT}", param="input",
+    if len(text) > MAX_TEXT_CHARS:
+        raise APIError(400, f"input is {len(text)} characters, over the limit of {MAX_TEXT_CHARS}", param="input",
                        code="string_above_max_length")  # fmt: skip
     fmt = body.get("response_format")
     fmt = "mp3" if fmt is None else fmt

@@ -29,6 +29,7 @@ TALKER_DIR = "talker"
 TALKER_CONFIG = "talker.json"
 TALKER_WEIGHTS = "talker.safetensors"
 MAX_SECONDS = 60.0  # longest answer spoken in one go
+MAX_TEXT_CHARS = 4096  # the longest text a door takes to speak (OpenAI's limit on /v1/audio/speech input)
 # What a talker can be trained to do; talker.json's "tasks" maps the ones it was trained for to its task rows.
 TASKS = {
     "tts": "text to speech",
