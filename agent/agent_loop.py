@@ -24,7 +24,7 @@ import numpy as np
 
 from omnivox.agent.generation import GenerationSettings
 from omnivox.agent.tools import ToolCall, ToolError, ToolRegistry
-from omnivox.agent.workspace import Workspace
+from omnivox.agent.workspace import AudioArtifact, Workspace
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, calls_text, result_text
 
@@ -194,3 +194,27 @@ class Agent:
                 made[artifact] = str(item.path) if item.path is not None else ""
         answer = steps[-1].text or ""
         return AgentResult(answer, steps, stopped_by, clip_ids, made)
+
+
+def audio_answer(
+    assistant, request: str, clips: Sequence[np.ndarray], settings: GenerationSettings | None = None, max_steps: int = 3,
+) -> tuple[AgentResult, AudioArtifact | None]:  # fmt: skip
+    """A request about ``clips`` whose answer may be audio (``omnivox chat --out``).
+
+    The model is offered the tools on audio that its speech head does (``remove_noise``, ...:
+    ``builtin_tools.AUDIO_TASK_TOOLS``). When it calls one, the call runs and the last audio made
+    is the answer; when it answers in text, the audio is None (the caller speaks the text).
+    The decision is the model's: "Remove the background noise." is answered by a call only by a
+    model that learned to make it.
+    """
+    from omnivox.agent.builtin_tools import AUDIO_TASK_TOOLS, builtin_tools
+
+    workspace = Workspace(write_artifacts=False)
+    registry = builtin_tools(assistant, workspace)
+    tools = ToolRegistry(registry.select([n for n in AUDIO_TASK_TOOLS if n in registry]))
+    if not len(tools):
+        raise UserInputError("this model's speech head does no task on audio (it was trained for "
+                             f"{sorted(assistant.speech_tasks) or 'nothing'})")  # fmt: skip
+    result = Agent(assistant, tools, workspace, max_steps=max_steps, settings=settings).run(request, list(clips))
+    made = [a for step in result.steps if step.ok for a in step.artifacts]
+    return result, workspace.get(made[-1]) if made else None

@@ -25,7 +25,7 @@ from omnivox.agent.model import Clip, EncodedClip, OmnivoxModel
 from omnivox.agent.tools import ToolCall
 from omnivox.agent.transcriber import WhisperTranscriber
 from omnivox.agent.transcription import TranscriptionStep
-from omnivox.decoders.speech import SpeechHead
+from omnivox.decoders.speech import TALKER_DIR, SpeechHead, read_talker_json
 from omnivox.errors import UserInputError
 from omnivox.prompts import Message, ToolSpec, clip_label, tools_text
 
@@ -63,22 +63,34 @@ class Assistant:
             function that loads it on first use, or None.
         speech: the folder's speech head, a function that loads it on first use, or None (the
             model answers in text only).
+        speech_tasks: what a speech head that loads on first use was trained for (its
+            ``talker.json`` tasks: ``tts``, ``ns``, ...); read from a loaded head otherwise.
     """
 
     def __init__(
         self, model: OmnivoxModel, transcriber: WhisperTranscriber | Callable[[], WhisperTranscriber] | None = None,
-        speech: SpeechHead | Callable[[], SpeechHead] | None = None,
+        speech: SpeechHead | Callable[[], SpeechHead] | None = None, speech_tasks: tuple[str, ...] = (),
     ) -> None:  # fmt: skip
         if transcriber is not None and model.config.transcriber is None:
             raise ValueError("config.transcriber is None: it holds the weights that combine the transcriber's scores")
         self.model = model
         self.transcription = TranscriptionStep(model, transcriber, model.config.transcriber)
         self._speech = speech
+        self._speech_tasks = tuple(speech_tasks)
 
     @property
     def can_speak(self) -> bool:
         """The model folder has a speech head (it loads on the first request for audio)."""
         return self._speech is not None
+
+    @property
+    def speech_tasks(self) -> tuple[str, ...]:
+        """The tasks the speech head does (``decoders/speech.py`` ``TASKS``); () when the model cannot speak."""
+        if self._speech is None:
+            return ()
+        if isinstance(self._speech, SpeechHead):
+            return tuple(self._speech.tasks)
+        return self._speech_tasks
 
     @property
     def speech(self) -> SpeechHead:
@@ -125,11 +137,12 @@ class Assistant:
                 lora_scale, merge_lora).
         """
         parts = load_parts(folder, transcriber=transcriber, **options)
-        speech = None
+        speech, tasks = None, ()
         if SpeechHead.present(folder):
             device, dtype = options.get("device") or "cpu", options.get("dtype") or torch.float32
             speech = lambda: SpeechHead.from_folder(folder, device, dtype)  # noqa: E731  (loads on first use)
-        return cls(OmnivoxModel.from_parts(parts), parts.transcriber, speech)
+            tasks = tuple(read_talker_json(Path(folder) / TALKER_DIR)["tasks"])
+        return cls(OmnivoxModel.from_parts(parts), parts.transcriber, speech, tasks)
 
     def settings(self, **overrides) -> GenerationSettings:
         """The folder's default decoding with ``overrides``."""

@@ -1,4 +1,5 @@
-"""The audio tools omnivox offers itself: transcribe, ask, detect_speech, measure, trim, mix, convert.
+"""The audio tools omnivox offers itself: transcribe, ask, detect_speech, measure, trim, mix, convert,
+and, when the model folder has a speech head trained for them, speak and remove_noise.
 
 Each is a typed function (its schema comes from the signature, ``agent/tools.py``) bound to one
 :class:`Assistant` and one :class:`Workspace`. Clips are named by workspace ids (``clip-1``,
@@ -21,7 +22,8 @@ import numpy as np
 import pydantic
 
 from omnivox.agent.tools import ToolError, ToolRegistry, ToolResult, tool
-from omnivox.agent.workspace import Workspace
+from omnivox.agent.workspace import AudioArtifact, Workspace
+from omnivox.decoders.speech import MAX_TEXT_CHARS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ Question = Annotated[str, pydantic.Field(min_length=1, max_length=300)]
 Seconds = Annotated[float, pydantic.Field(ge=0, le=3600)]
 Gain = Annotated[float, pydantic.Field(ge=-60, le=24)]
 Rate = Annotated[int, pydantic.Field(ge=8000, le=48000)]
+# The tools the speech head does, and its task each needs (decoders/speech.py TASKS)
+SPEECH_TOOL_TASKS = {"speak": "tts", "remove_noise": "ns"}
+AUDIO_TASK_TOOLS = tuple(name for name, task in SPEECH_TOOL_TASKS.items() if task != "tts")  # clip in, clip out
+SpokenText = Annotated[str, pydantic.Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+VoiceName = Annotated[str, pydantic.Field(min_length=1, max_length=64)]
 
 
 @lru_cache(maxsize=1)
@@ -88,8 +95,23 @@ def _resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
     return samples if rate == target else soxr.resample(samples, rate, target).astype(np.float32)
 
 
+def speak_into(assistant, workspace: Workspace, text: str, voice: str | None, speed: float = 1.0) -> tuple[AudioArtifact, str]:
+    """``text`` said by the assistant's speech head, held (and written) as the next ``audio-N``;
+    returns it and the voice's full name."""
+    spoken = assistant.speech.say(text, voice, speed=speed)
+    made = workspace.put_audio(spoken.waveform, spoken.sample_rate, f"{short_text(text, 40)!r} in {spoken.voice}")
+    return made, spoken.voice
+
+
+def short_text(text: str, limit: int = 80) -> str:
+    """``text`` cut after ``limit`` characters (then "...") for a note or a message."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
-    """The built-in tools bound to ``assistant`` (an :class:`Assistant`) and ``workspace``."""
+    """The built-in tools bound to ``assistant`` (an :class:`Assistant`) and ``workspace``.
+    ``speak`` and ``remove_noise`` are offered only when the assistant's speech head does
+    ``tts`` / ``ns`` (all of them when ``assistant`` is None: the list the data generator copies)."""
 
     def transcript_of(samples: np.ndarray) -> str:
         return assistant.chat(TRANSCRIBE, [samples], assistant.settings()).text.strip()
@@ -208,5 +230,33 @@ def builtin_tools(assistant, workspace: Workspace) -> ToolRegistry:
         )
         return ToolResult(f"{made.describe()}, {format}", (made.id,))
 
-    return ToolRegistry([transcribe, ask, detect_speech, measure, trim, mix, convert])
+    @tool
+    def speak(text: SpokenText, voice: VoiceName = "default") -> ToolResult:
+        """Say a text aloud with a synthetic voice; makes a new audio id.
+
+        Args:
+            text: the words to say.
+            voice: a voice of the model's, or default.
+        """
+        made, _ = speak_into(assistant, workspace, text, voice)
+        return ToolResult(made.describe(), (made.id,))  # the line the model read in training (datagen/task_calls.py)
+
+    @tool
+    def remove_noise(clip: ClipId) -> ToolResult:
+        """Remove steady background noise from a clip; makes a new audio id.
+
+        Args:
+            clip: the clip's id.
+        """
+        item = workspace.get(clip)
+        cleaned = assistant.speech.transform(item.samples, "ns", sample_rate=item.sample_rate)
+        made = workspace.put_audio(cleaned.waveform, cleaned.sample_rate, f"{item.id} without the background noise")
+        return ToolResult(made.describe(), (made.id,))
+
+    offered = [transcribe, ask, detect_speech, measure, trim, mix, convert]
+    tasks = None if assistant is None else assistant.speech_tasks
+    for t in (speak, remove_noise):
+        if tasks is None or SPEECH_TOOL_TASKS[t.name] in tasks:
+            offered.append(t)
+    return ToolRegistry(offered)
 

@@ -157,6 +157,7 @@ def _report_audio(spoken, out: Path) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from omnivox.agent.audio import load_audio
     from omnivox.agent.chat import ChatSession
+    from omnivox.decoders.speech import AUDIO_TASKS
 
     overrides = generation_overrides(args)  # flags and audio are checked before loading a big model
     out = _audio_out_path(args.out)
@@ -174,6 +175,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     stream = show if settings.num_beams == 1 else None
+    if args.prompt and out is not None and clips and set(assistant.speech_tasks).intersection(AUDIO_TASKS):
+        return _chat_audio_answer(assistant, " ".join(args.prompt), [c.samples for c in clips], settings, out, args.voice)
     if args.prompt:
         answer = session.ask_generation(" ".join(args.prompt), on_text=stream)
         print(answer.text if stream is None else "")
@@ -207,6 +210,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(answer if stream is None else "")
         except UserInputError as err:
             print(f"omnivox: error: {err}", file=sys.stderr)
+
+
+def _chat_audio_answer(assistant, request: str, clips: list, settings, out: Path, voice: str | None) -> int:
+    """``chat --out`` about clips with a speech head that does tasks on audio: the model may answer
+    with one (``agent_loop.audio_answer``); its audio is written, or else the text answer is spoken."""
+    from omnivox.agent.agent_loop import audio_answer
+    from omnivox.agent.workspace import WavWriter
+
+    result, made = audio_answer(assistant, request, clips, settings)
+    for step in result.steps:
+        if step.kind == "call":
+            print(step.line(), file=sys.stderr)
+    print(result.answer)
+    if made is None:
+        if not result.answer.strip():
+            raise UserInputError("the answer has no text to speak; nothing written")
+        _report_audio(speak_to_file(assistant.speech, result.answer, out, voice), out)
+        return 0
+    with WavWriter(out, made.sample_rate) as writer:
+        writer.write(made.samples)
+    print(f"wrote {out} ({made.duration:.2f} s of audio: {made.note})", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

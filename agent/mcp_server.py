@@ -54,7 +54,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase, FuncMetad
 from mcp_types import CallToolResult, TextContent
 
 from omnivox.agent.audio import base64_bytes, data_url_bytes, load_audio
-from omnivox.agent.builtin_tools import ClipId, Question, builtin_tools
+from omnivox.agent.builtin_tools import ClipId, Question, builtin_tools, short_text, speak_into
 from omnivox.agent.tools import Tool, ToolArgumentError, ToolError, ToolRegistry, ToolResult, tool
 from omnivox.agent.workspace import ID, Workspace, audio_bytes
 from omnivox.decoders.speech import MAX_TEXT_CHARS
@@ -113,7 +113,7 @@ class AudioInputs:
             return self.hold_bytes(data_url_bytes(text, field, MAX_BASE64_CHARS)[0], f"{field} (data URL)")
         if not self.paths:
             raise UserInputError(
-                f"{field}: {_short(reference)!r} is not an audio id or a data URL, and this server reads no paths "
+                f"{field}: {short_text(reference)!r} is not an audio id or a data URL, and this server reads no paths "
                 "(start it with --allowed-dir DIR to read files there)"
             )
         try:
@@ -135,10 +135,6 @@ class AudioInputs:
                 f"{tool}: give the audio as one of audio and audio_base64 ({given} given)"
             )
         return self.hold(audio) if audio is not None else self.hold_base64(audio_base64)
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,12 +227,8 @@ def speech_tool(assistant: Assistant, workspace: Workspace) -> Tool:
     voices = assistant.speech.voices_shown()
 
     def speak(text: SpokenText, voice: str | None = None, speed: Speed = 1.0) -> ToolResult:
-        spoken = assistant.say(text, voice, speed=speed).audio
-        assert spoken is not None
-        made = workspace.put_audio(
-            spoken.waveform, spoken.sample_rate, note=f"{_short(text, 40)!r} in {spoken.voice}"
-        )
-        return ToolResult(f"{made.describe()}, voice {spoken.voice}", (made.id,))
+        made, full_voice = speak_into(assistant, workspace, text, voice, speed)
+        return ToolResult(f"{made.describe()}, voice {full_voice}", (made.id,))
 
     speak.__doc__ = SPEAK_DOC.format(voices=voices, max_chars=MAX_TEXT_CHARS)
     return tool(speak)
@@ -337,8 +329,8 @@ def create_server(
     inputs = AudioInputs(workspace, paths)
     worker = ToolWorker()
     offered = server_tools(registry, inputs)
-    if assistant.can_speak and "speak" not in {t.name for t in offered}:
-        offered.append(speech_tool(assistant, workspace))
+    if assistant.can_speak:  # the built-in speak, with its voices listed and a speed, for other agents
+        offered = [t for t in offered if t.name != "speak"] + [speech_tool(assistant, workspace)]
     tools = [_bridge(t, workspace, worker) for t in offered]
     instructions = (
         "Audio tools of an audio language model. Give audio as audio_base64, a data URL, "

@@ -81,6 +81,7 @@ from omnivox.datagen.text import (
     Sentence,
     normalise_for_tts,
 )
+from omnivox.decoders.speech import MAX_TEXT_CHARS
 from omnivox.prompts.tools import ToolSpec, calls_text, result_text, tools_text
 
 VERSION = "1"
@@ -168,8 +169,12 @@ BUILTIN_DEFS: tuple[ToolDef, ...] = (
           ("sample_rate", {"description": "the new sample rate in Hz (8000 to 48000).", "maximum": 48000, "minimum": 8000,
                            "type": "integer"}, 16000),
           ("format", {"description": "the file format.", "enum": list(AUDIO_FORMATS), "type": "string"}, "wav")),
+    _tool("speak", "make", "Say a text aloud with a synthetic voice; makes a new audio id.",
+          ("text", {"description": "the words to say.", "maxLength": MAX_TEXT_CHARS, "minLength": 1, "type": "string"}),
+          ("voice", {"description": "a voice of the model's, or default.", "maxLength": 64, "minLength": 1,
+                     "type": "string"}, "default")),
+    _tool("remove_noise", "edit", "Remove steady background noise from a clip; makes a new audio id.", _C),
     # named in the issue with these signatures; not (yet) in agent/builtin_tools.py
-    _tool("speak", "make", "Say a text aloud with a synthetic voice; makes a new audio id.", ("text", str), ("voice", str, "default")),
     _tool("generate_sound", "make", "Generate a sound from a description; makes a new audio id.",
           ("description", str), ("seconds", float, 5.0)),
 )
@@ -184,7 +189,6 @@ TOOL_DEFS: tuple[ToolDef, ...] = BUILTIN_DEFS + (
     _tool("add_reverb", "edit", "Add room reverberation to a clip; makes a new audio id.", _C, ("room", ROOMS, "medium")),
     _tool("change_speed", "edit", "Play a clip faster or slower by a factor (2.0 is twice as fast); makes a new audio id.",
           _C, ("factor", float)),
-    _tool("remove_noise", "edit", "Remove steady background noise from a clip; makes a new audio id.", _C),
     _tool("count_events", "listen", "Count how many times a sound (beeps, clicks, knocks) occurs in a clip.", _C, ("sound", str)),
     _tool("find_word", "listen", "Check whether a word is spoken in a clip.", _C, ("word", str)),
     _tool("pitch_shift", "edit", "Shift the pitch of a clip by a number of semitones (negative is lower); makes a new audio id.",

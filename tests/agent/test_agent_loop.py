@@ -24,6 +24,8 @@ JFK = Path(__file__).resolve().parents[2] / "assets" / "examples" / "jfk.flac"
 class ScriptedAssistant:
     """Answers from a script (a list of Generations) and records what it was asked."""
 
+    speech_tasks: tuple[str, ...] = ()  # no speech head unless a test gives it one (speech, speech_tasks)
+
     def __init__(self, script: list[Generation]) -> None:
         self.script = list(script)
         self.asked: list[dict] = []
@@ -175,3 +177,48 @@ def test_builtin_tools_on_real_signals(tmp_path):
         tools.get("trim").run({"clip": "../../x", "start": 0, "end": 1})
     with pytest.raises(ToolError, match="past the end"):
         tools.get("trim").run({"clip": tone, "start": 5, "end": 6})
+
+
+def test_speech_tools_are_offered_when_the_speech_head_does_them_and_make_new_audio(tmp_path):
+    from omnivox.decoders.speech import SpeechHead
+
+    ws = Workspace(tmp_path)
+    assert not {"speak", "remove_noise"} & set(builtin_tools(ScriptedAssistant([]), ws).names)
+    tts_only = ScriptedAssistant([])
+    tts_only.speech = SpeechHead.from_folder(tiny.add_speech_head(tmp_path / "tts"))
+    tts_only.speech_tasks = tuple(tts_only.speech.tasks)
+    assert "speak" in builtin_tools(tts_only, ws).names and "remove_noise" not in builtin_tools(tts_only, ws).names
+
+    head = SpeechHead.from_folder(tiny.add_speech_head(tmp_path / "ns", tasks={"tts": 0, "ns": 1}))
+    model = ScriptedAssistant([calls(("remove_noise", {"clip": "clip-1"})),
+                               calls(("speak", {"text": "All clean.", "voice": "nobody"})),
+                               calls(("speak", {"text": "All clean.", "voice": "joe"})), answer("Done.")])  # fmt: skip
+    model.speech, model.speech_tasks = head, ("tts", "ns")
+    noisy = tiny.tone_clip(1.0, 330.0, seed=3)
+    result = Agent(model, builtin_tools(model, ws), ws).run("Remove the background noise, then say so.", [noisy])
+    assert result.answer == "Done." and [s.ok for s in result.steps[:3]] == [True, False, True]
+    assert "unknown voice 'nobody'" in result.steps[1].result  # the model reads the error and tries again
+    np.testing.assert_array_equal(ws.get("audio-1").samples, head.transform(noisy, "ns").waveform)
+    np.testing.assert_array_equal(ws.get("audio-2").samples, head.say("All clean.", "joe").waveform)
+    assert ws.get("audio-2").sample_rate == head.sample_rate and set(result.artifacts) == {"audio-1", "audio-2"}
+
+
+def test_an_audio_answer_is_the_audio_the_models_call_made_or_none_for_a_text_answer(tmp_path):
+    from omnivox.agent.agent_loop import audio_answer
+    from omnivox.decoders.speech import SpeechHead
+
+    head = SpeechHead.from_folder(tiny.add_speech_head(tmp_path / "ns", tasks={"tts": 0, "ns": 1}))
+    noisy = tiny.tone_clip(1.0, 330.0, seed=4)
+    model = ScriptedAssistant([calls(("remove_noise", {"clip": "clip-1"})), answer("Here it is without the noise.")])
+    model.speech, model.speech_tasks = head, ("tts", "ns")
+    result, made = audio_answer(model, "Remove the background noise.", [noisy])
+    assert made is not None and result.answer == "Here it is without the noise."
+    np.testing.assert_array_equal(made.samples, head.transform(noisy, "ns").waveform)
+    offered = [spec.name for spec in model.asked[0]["tools"]]
+    assert offered == ["remove_noise"]  # only the tools on audio: the text answer is spoken by the caller
+    model = ScriptedAssistant([answer("A tone.")])
+    model.speech, model.speech_tasks = head, ("tts", "ns")
+    assert audio_answer(model, "What is this?", [noisy])[1] is None
+    model.speech_tasks = ("tts",)
+    with pytest.raises(UserInputError, match="does no task on audio"):
+        audio_answer(model, "Remove the background noise.", [noisy])

@@ -276,3 +276,23 @@ def test_generate_a_task_on_audio_writes_the_output_and_plots_input_above_it(tin
         result = _run_cli("generate", "--model", str(folder), "--out", str(tmp_path / "b.wav"), *extra)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, (extra, result.stderr)
     assert not (tmp_path / "b.wav").exists()
+
+
+def test_chat_out_about_a_clip_lets_a_model_with_tasks_on_audio_answer_with_one(tiny_model_dir, tmp_path, capsys):
+    from omnivox.agent.agent_loop import audio_answer
+    from omnivox.agent.assistant import Assistant
+    from omnivox.agent.audio import load_audio
+
+    folder = tiny.add_speech_head(tiny.greedy_copy(tiny_model_dir, tmp_path, name="cleans"), tasks={"tts": 0, "ns": 1})
+    noisy, out = _wav(tmp_path, seconds=1.0, name="noisy.wav"), tmp_path / "clean.wav"
+    rc = cli.main(["chat", "--model", str(folder), "--audio", str(noisy), "--out", str(out), "Remove the background noise."])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assistant = Assistant.from_pretrained(folder)
+    assert assistant.speech_tasks == ("tts", "ns")  # read from talker.json; the head itself loads on first use
+    result, made = audio_answer(assistant, "Remove the background noise.", [load_audio(noisy).samples])
+    assert captured.out.strip() == result.answer and f"wrote {out}" in captured.err
+    # the tiny random model's choice, either way: the call's audio, or its text answer spoken
+    expected = made.samples if made is not None else assistant.speech.say(result.answer).waveform
+    np.testing.assert_allclose(sf.read(out, dtype="float32")[0], expected, atol=1.5 / 32768)
+    assert ("call remove_noise" in captured.err) == (made is not None)

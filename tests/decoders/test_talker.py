@@ -200,3 +200,46 @@ def test_code_dropout_hides_previous_frames_in_training_only() -> None:
     assert 0 < int(same.sum()) < same.numel()
     talker.eval()
     torch.testing.assert_close(talker.previous_codes(codes, drop=0.9), talker.previous_codes(codes))
+
+
+def test_a_talker_without_history_decodes_what_it_is_taught_and_ignores_earlier_codes() -> None:
+    torch.manual_seed(0)
+    talker = Talker(replace(TINY, history=False)).double().eval()
+    assert len(talker.code_embed) == 0
+    phonemes = torch.tensor([phonemize("Hello there.").ids])
+    codes = torch.cat(list(talker.generate(phonemes, voice=2)), -1)  # greedy, frame by frame with a cache
+    h, durations = talker.plan(phonemes, voice=2)
+    x = talker.frame_inputs(h, durations, codes.shape[-1], torch.tensor([2]), torch.tensor([0]))
+
+    def teacher_forced(c: torch.Tensor) -> list[torch.Tensor]:
+        y = x + talker.previous_codes(c) + talker.frame_pos(torch.arange(c.shape[-1]))
+        for block in talker.decoder:
+            y = block(y, causal=True)
+        return talker.depth_logits(talker.decoder_norm(y), c)
+
+    logits = teacher_forced(codes)
+    assert torch.equal(torch.stack([lg.argmax(-1)[0] for lg in logits]), codes[0])
+    # other codes in earlier frames change nothing in a frame's codebook-1 scores
+    other = codes.clone()
+    other[..., :-1] = (other[..., :-1] + 5) % 16
+    torch.testing.assert_close(teacher_forced(other)[0], logits[0], rtol=0, atol=1e-12)
+
+
+def test_durations_depend_on_the_voice() -> None:
+    torch.manual_seed(0)
+    talker = Talker(TINY).eval()
+    phonemes = torch.tensor([phonemize("Hello there, how are you?").ids])
+    mask = torch.ones_like(phonemes, dtype=torch.bool)
+    h = talker.encode_text(phonemes, mask)
+
+    def log_d(voice: int) -> torch.Tensor:
+        return talker.log_durations(h, mask, torch.tensor([voice]))
+
+    torch.testing.assert_close(log_d(0), log_d(1), rtol=0, atol=0)  # a fresh voice table is zeros: every voice alike
+    with torch.no_grad():
+        talker.duration_voice.weight[1].normal_(0, 1.0)
+    assert (log_d(0) - log_d(1)).abs().max() > 1e-3
+    with pytest.raises(UserInputError, match="voice must be in \\[0, 4\\), got 4"):
+        talker.plan(phonemes, voice=4)
+    with pytest.raises(Exception, match="history must be true or false"):
+        replace(TINY, history=1)
